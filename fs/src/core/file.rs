@@ -1,0 +1,508 @@
+//! Open regular files: write buffering, reads through the buffer, and content commits.
+//!
+//! Owns: per-file buffered writes (`dirty`), the buffer being committed (`inflight`, still
+//! readable), and the commit algorithm: every buffered run is widened to the extents around
+//! it, re-chunked with FastCDC, and committed as one store transaction. Only the changed
+//! regions are read and hashed again, so appending to a large file costs the size of its
+//! last chunk, not of the file. A background commit (above `commit_threshold`) commits only
+//! chunks whose end the content has decided and keeps the undecided tail buffered, so that a
+//! stream gets the same cut points however it was written.
+//! Must not: hold `inner` while doing store I/O; only `commit_lock` is held across a commit.
+
+use crate::fs_err;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use pvfs_store::{is_zero, Ino, NewExtent, Store, Timestamp};
+
+use super::{Attr, FsOptions};
+use crate::error::{FsError, Result, StoreResultExt};
+
+/// Buffered byte runs by file offset: never overlapping, never touching.
+type Runs = BTreeMap<u64, Vec<u8>>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    size: u64,
+    dirty: Runs,
+    dirty_bytes: usize,
+    inflight: Option<Arc<Runs>>,
+    mtime: Option<Timestamp>,
+    error: Option<FsError>,
+    background: bool,
+}
+
+/// The shared state of an open regular file.
+#[derive(Debug)]
+pub(crate) struct FileState {
+    ino: Ino,
+    inner: Mutex<Inner>,
+    cond: Condvar,
+    commit_lock: Mutex<()>,
+    opts: FsOptions,
+    dirty_total: Arc<AtomicU64>,
+}
+
+/// Copies `data` into `runs` at `off`, merging with overlapping or adjacent runs.
+/// Returns the change in buffered bytes.
+fn insert(runs: &mut Runs, off: u64, data: &[u8]) -> isize {
+    if data.is_empty() {
+        return 0;
+    }
+    let end = off + data.len() as u64;
+    // Fast paths: append to the run ending at `off`, or overwrite inside one run.
+    if let Some((&k, v)) = runs.range_mut(..=off).next_back() {
+        let kend = k + v.len() as u64;
+        if k <= off && kend >= end {
+            v[(off - k) as usize..(end - k) as usize].copy_from_slice(data);
+            return 0;
+        }
+        if kend == off && runs.range(off + 1..=end).next().is_none() {
+            let v = runs.get_mut(&k).expect("found above");
+            v.extend_from_slice(data);
+            return data.len() as isize;
+        }
+    }
+    let mut touching: Vec<u64> = Vec::new();
+    for (&k, v) in runs.range(..=end).rev() {
+        if k + v.len() as u64 >= off {
+            touching.push(k);
+        } else {
+            break;
+        }
+    }
+    let mut start = off;
+    let mut stop = end;
+    for k in &touching {
+        start = start.min(*k);
+        stop = stop.max(k + runs[k].len() as u64);
+    }
+    let mut merged = vec![0u8; (stop - start) as usize];
+    let mut old = 0usize;
+    for k in touching {
+        let v = runs.remove(&k).expect("key collected above");
+        old += v.len();
+        merged[(k - start) as usize..(k - start) as usize + v.len()].copy_from_slice(&v);
+    }
+    merged[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
+    let new = merged.len();
+    runs.insert(start, merged);
+    new as isize - old as isize
+}
+
+/// Copies into `runs` only the parts of `data` that no run covers (older data under newer).
+fn insert_under(runs: &mut Runs, off: u64, data: &[u8]) -> isize {
+    let end = off + data.len() as u64;
+    let mut gaps = Vec::new();
+    let mut pos = off;
+    let first = runs.range(..=off).next_back().map(|(&k, v)| (k, k + v.len() as u64));
+    let covering = first.into_iter().chain(runs.range(off + 1..end).map(|(&k, v)| (k, k + v.len() as u64)));
+    for (k, kend) in covering {
+        if kend <= pos {
+            continue;
+        }
+        if k > pos {
+            gaps.push((pos, k.min(end)));
+        }
+        pos = pos.max(kend);
+        if pos >= end {
+            break;
+        }
+    }
+    if pos < end {
+        gaps.push((pos, end));
+    }
+    let mut delta = 0;
+    for (a, b) in gaps {
+        delta += insert(runs, a, &data[(a - off) as usize..(b - off) as usize]);
+    }
+    delta
+}
+
+/// Drops buffered bytes at or beyond `size`. Returns the change in buffered bytes.
+fn trim(runs: &mut Runs, size: u64) -> isize {
+    let mut delta = 0isize;
+    let beyond: Vec<u64> = runs.range(size..).map(|(&k, _)| k).collect();
+    for k in beyond {
+        delta -= runs.remove(&k).map_or(0, |v| v.len()) as isize;
+    }
+    if let Some((&k, v)) = runs.range_mut(..size).next_back() {
+        let keep = (size - k) as usize;
+        if v.len() > keep {
+            delta -= (v.len() - keep) as isize;
+            v.truncate(keep);
+        }
+    }
+    delta
+}
+
+/// Copies the parts of `runs` that overlap `[off, off + out.len())` into `out`.
+fn copy_out(runs: &Runs, off: u64, out: &mut [u8]) {
+    let end = off + out.len() as u64;
+    let first = runs.range(..=off).next_back();
+    for (&k, v) in first.into_iter().chain(runs.range(off + 1..end)) {
+        let a = k.max(off);
+        let b = (k + v.len() as u64).min(end);
+        if a < b {
+            out[(a - off) as usize..(b - off) as usize].copy_from_slice(&v[(a - k) as usize..(b - k) as usize]);
+        }
+    }
+}
+
+/// Reads committed content of `ino` at `off` into `out` (holes read as zeros).
+pub(crate) fn read_committed(store: &Store, ino: Ino, off: u64, out: &mut [u8]) -> Result<()> {
+    let end = off + out.len() as u64;
+    for (eoff, e) in store.extents(ino, off, end).fs()? {
+        let data = store.chunk(&e.chunk, e.len).map_err(|err| {
+            tracing::warn!(ino, offset = eoff, chunk = %e.chunk.fmt_short(), "read failed: {err:#}");
+            FsError::from_store(err)
+        })?;
+        let a = eoff.max(off);
+        let b = (eoff + u64::from(e.len)).min(end);
+        if a < b {
+            out[(a - off) as usize..(b - off) as usize].copy_from_slice(&data[(a - eoff) as usize..(b - eoff) as usize]);
+        }
+    }
+    Ok(())
+}
+
+/// One region edit: the replaced range and its new extents.
+struct Edit {
+    start: u64,
+    end: u64,
+    extents: Vec<NewExtent>,
+}
+
+impl FileState {
+    pub(crate) fn new(ino: Ino, size: u64, opts: FsOptions, dirty_total: Arc<AtomicU64>) -> FileState {
+        FileState {
+            ino,
+            inner: Mutex::new(Inner { size, ..Inner::default() }),
+            cond: Condvar::new(),
+            commit_lock: Mutex::new(()),
+            opts,
+            dirty_total,
+        }
+    }
+
+    fn account(&self, delta: isize) {
+        if delta >= 0 {
+            self.dirty_total.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.dirty_total.fetch_sub(delta.unsigned_abs() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Size and mtime as buffered writes left them.
+    pub(crate) fn overlay_attr(&self, a: &mut Attr) {
+        let g = self.inner.lock();
+        a.size = g.size;
+        a.blocks = g.size.div_ceil(512);
+        if let Some(m) = g.mtime {
+            a.mtime = m;
+            a.ctime = a.ctime.max(m);
+        }
+    }
+
+    /// Buffers a write; may start a background commit or wait for one (back-pressure).
+    pub(crate) fn write(self: &Arc<Self>, store: &Store, off: u64, data: &[u8]) -> Result<()> {
+        let end = off.checked_add(data.len() as u64).ok_or_else(|| fs_err!(EFBIG, "write beyond the largest offset"))?;
+        let mut g = self.inner.lock();
+        if let Some(e) = g.error.take() {
+            return Err(e);
+        }
+        while g.dirty_bytes >= self.opts.dirty_limit && g.background {
+            self.cond.wait(&mut g);
+        }
+        let delta = insert(&mut g.dirty, off, data);
+        g.dirty_bytes = g.dirty_bytes.saturating_add_signed(delta);
+        self.account(delta);
+        g.size = g.size.max(end);
+        g.mtime = Some(Timestamp::now());
+        if g.dirty_bytes >= self.opts.commit_threshold && !g.background {
+            g.background = true;
+            let me = self.clone();
+            let store = store.clone();
+            let spawned = std::thread::Builder::new().name("pvfs-commit".into()).spawn(move || {
+                if let Err(e) = me.flush(&store, false) {
+                    tracing::warn!(ino = me.ino, "background commit failed: {e:#}");
+                }
+                me.inner.lock().background = false;
+                me.cond.notify_all();
+            });
+            if spawned.is_err() {
+                g.background = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `[off, off + len)` as the file is now, buffered writes included.
+    pub(crate) fn read(&self, store: &Store, off: u64, len: u32) -> Result<Vec<u8>> {
+        let (end, overlay) = {
+            let g = self.inner.lock();
+            let end = off.saturating_add(u64::from(len)).min(g.size);
+            if off >= end {
+                return Ok(Vec::new());
+            }
+            let mut overlay = Vec::new();
+            for runs in g.inflight.as_deref().into_iter().chain(std::iter::once(&g.dirty)) {
+                let first = runs.range(..=off).next_back();
+                for (&k, v) in first.into_iter().chain(runs.range(off + 1..end)) {
+                    let a = k.max(off);
+                    let b = (k + v.len() as u64).min(end);
+                    if a < b {
+                        overlay.push((a, v[(a - k) as usize..(b - k) as usize].to_vec()));
+                    }
+                }
+            }
+            (end, overlay)
+        };
+        let mut buf = vec![0u8; (end - off) as usize];
+        read_committed(store, self.ino, off, &mut buf)?;
+        for (a, piece) in overlay {
+            let at = (a - off) as usize;
+            buf[at..at + piece.len()].copy_from_slice(&piece);
+        }
+        Ok(buf)
+    }
+
+    /// Commits buffered writes. With `force`, everything (durable against a daemon crash once
+    /// this returns, and against power loss after `Store::sync`); without, only content-decided
+    /// chunks. Returns the deferred error of an earlier background commit, if any.
+    pub(crate) fn flush(&self, store: &Store, force: bool) -> Result<()> {
+        let _c = self.commit_lock.lock();
+        self.flush_locked(store, force)
+    }
+
+    fn flush_locked(&self, store: &Store, force: bool) -> Result<()> {
+        let (runs, size, mtime) = {
+            let mut g = self.inner.lock();
+            if let Some(e) = g.error.take() {
+                return Err(e);
+            }
+            if g.dirty.is_empty() {
+                return Ok(());
+            }
+            let runs = Arc::new(std::mem::take(&mut g.dirty));
+            g.dirty_bytes = 0;
+            g.inflight = Some(runs.clone());
+            (runs, g.size, g.mtime.take())
+        };
+        let taken: usize = runs.values().map(Vec::len).sum();
+        let res = commit_runs(store, self.ino, &runs, size, force, mtime);
+        let mut g = self.inner.lock();
+        g.inflight = None;
+        let mut kept = 0isize;
+        let out = match res {
+            Ok(leftover) => {
+                for (off, data) in leftover {
+                    kept += insert_under(&mut g.dirty, off, &data);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing is lost: the runs go back under whatever was written since.
+                for (off, data) in runs.iter() {
+                    kept += insert_under(&mut g.dirty, *off, data);
+                }
+                if g.mtime.is_none() {
+                    g.mtime = mtime;
+                }
+                Err(e)
+            }
+        };
+        g.dirty_bytes = g.dirty.values().map(Vec::len).sum();
+        self.account(kept - taken as isize);
+        drop(g);
+        self.cond.notify_all();
+        match out {
+            Err(e) if !force => {
+                let errno = e.to_errno();
+                self.inner.lock().error = Some(FsError::new(errno, e.to_string()));
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Runs a structural change (truncate, hole punch, range copy) on the committed content:
+    /// buffered writes are committed first and no commit runs meanwhile. `before` edits the
+    /// buffer first (under its lock).
+    pub(crate) fn exclusive<T>(
+        &self,
+        store: &Store,
+        before: impl FnOnce(&mut Runs) -> isize,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let _c = self.commit_lock.lock();
+        {
+            let mut g = self.inner.lock();
+            let delta = before(&mut g.dirty);
+            g.dirty_bytes = g.dirty_bytes.saturating_add_signed(delta);
+            self.account(delta);
+        }
+        self.flush_locked(store, true)?;
+        let out = op()?;
+        let committed = store.node(self.ino).fs()?.map_or(0, |n| n.size);
+        let mut g = self.inner.lock();
+        let dirty_end = g.dirty.iter().next_back().map_or(0, |(&k, v)| k + v.len() as u64);
+        g.size = committed.max(dirty_end);
+        Ok(out)
+    }
+
+    /// Shrinks or grows the file to `size`.
+    pub(crate) fn truncate(&self, store: &Store, size: u64) -> Result<()> {
+        let ino = self.ino;
+        self.exclusive(store, |runs| trim(runs, size), || {
+            store.commit(false, |tx| tx.truncate(ino, size)).fs()?;
+            Ok(())
+        })?;
+        let mut g = self.inner.lock();
+        g.size = size.max(g.dirty.iter().next_back().map_or(0, |(&k, v)| k + v.len() as u64));
+        Ok(())
+    }
+}
+
+/// Chunks and commits `runs` (see the module doc). Returns the undecided tail that stays
+/// buffered (only without `force`).
+fn commit_runs(
+    store: &Store,
+    ino: Ino,
+    runs: &Runs,
+    size: u64,
+    force: bool,
+    mtime: Option<Timestamp>,
+) -> Result<Vec<(u64, Vec<u8>)>> {
+    let node = store.node(ino).fs()?.ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
+    // Widen each run to the extents around it and merge what touches.
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    for (&a, v) in runs {
+        let b = a + v.len() as u64;
+        let s = match store.extents(ino, a, a + 1).fs()?.first() {
+            Some(&(off, _)) if off < a => off,
+            _ => a,
+        };
+        let e = match store.extents(ino, b - 1, b).fs()?.first() {
+            Some(&(off, ext)) if off + u64::from(ext.len) > b => off + u64::from(ext.len),
+            _ => b,
+        };
+        match regions.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => regions.push((s, e)),
+        }
+    }
+    let mut edits = Vec::new();
+    let mut leftover = Vec::new();
+    let n_regions = regions.len();
+    for (i, (s, e)) in regions.into_iter().enumerate() {
+        let mut buf = vec![0u8; (e - s) as usize];
+        read_committed(store, ino, s, &mut buf)?;
+        copy_out(runs, s, &mut buf);
+        let tail = !force && i + 1 == n_regions && e >= size;
+        let mut lens = pvfs_store::cut(&buf, !tail);
+        let mut committed: usize = lens.iter().sum();
+        if tail && committed < buf.len() {
+            // Never leave committed content of this region uncovered: if the decided part
+            // ends before the old extents do, commit the region whole.
+            let old_end = store.extents(ino, s, e).fs()?.last().map_or(s, |&(o, x)| o + u64::from(x.len));
+            if s + (committed as u64) < old_end {
+                lens = pvfs_store::cut(&buf, true);
+                committed = buf.len();
+            }
+        }
+        if committed < buf.len() {
+            leftover.push((s + committed as u64, buf[committed..].to_vec()));
+            buf.truncate(committed);
+        }
+        if committed == 0 {
+            continue;
+        }
+        let buf = Bytes::from(buf);
+        let mut extents = Vec::with_capacity(lens.len());
+        let mut pos = 0usize;
+        for len in lens {
+            let piece = buf.slice(pos..pos + len);
+            if !is_zero(&piece) {
+                extents.push(NewExtent { offset: s + pos as u64, chunk: store.prepare(piece).fs()? });
+            }
+            pos += len;
+        }
+        edits.push(Edit { start: s, end: s + committed as u64, extents });
+    }
+    let new_size = match leftover.first() {
+        Some(&(tail_start, _)) => node.size.max(tail_start),
+        None => size,
+    };
+    if edits.is_empty() && new_size == node.size && mtime.is_none() {
+        return Ok(leftover);
+    }
+    let mtime = mtime.unwrap_or(node.mtime);
+    store
+        .commit(false, |tx| {
+            if edits.is_empty() {
+                tx.replace_extents(ino, (new_size, new_size), &[], new_size, mtime)?;
+            }
+            for edit in &edits {
+                tx.replace_extents(ino, (edit.start, edit.end), &edit.extents, new_size, mtime)?;
+            }
+            Ok(())
+        })
+        .fs()?;
+    Ok(leftover)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(runs: &Runs) -> Vec<(u64, Vec<u8>)> {
+        runs.iter().map(|(&k, v)| (k, v.clone())).collect()
+    }
+
+    #[test]
+    fn insert_merges_and_overwrites() {
+        let mut r = Runs::new();
+        assert_eq!(insert(&mut r, 10, b"abc"), 3);
+        assert_eq!(insert(&mut r, 13, b"de"), 2);
+        assert_eq!(flat(&r), vec![(10, b"abcde".to_vec())]);
+        assert_eq!(insert(&mut r, 11, b"XY"), 0);
+        assert_eq!(flat(&r), vec![(10, b"aXYde".to_vec())]);
+        assert_eq!(insert(&mut r, 0, b"12"), 2);
+        assert_eq!(insert(&mut r, 2, b"34567890"), 5);
+        assert_eq!(flat(&r), vec![(0, b"1234567890XYde".to_vec())]);
+        assert_eq!(insert(&mut r, 20, b"z"), 1);
+        assert_eq!(insert(&mut r, 13, b"________"), 6);
+        assert_eq!(flat(&r), vec![(0, b"1234567890XYd________".to_vec())]);
+    }
+
+    #[test]
+    fn insert_under_fills_only_gaps() {
+        let mut r = Runs::new();
+        insert(&mut r, 5, b"NEW");
+        assert_eq!(insert_under(&mut r, 3, b"oooooooo"), 5);
+        assert_eq!(flat(&r), vec![(3, b"ooNEWooo".to_vec())]);
+    }
+
+    #[test]
+    fn trim_cuts_runs() {
+        let mut r = Runs::new();
+        insert(&mut r, 0, b"abcdef");
+        insert(&mut r, 10, b"xyz");
+        assert_eq!(trim(&mut r, 4), -5);
+        assert_eq!(flat(&r), vec![(0, b"abcd".to_vec())]);
+    }
+
+    #[test]
+    fn copy_out_overlays() {
+        let mut r = Runs::new();
+        insert(&mut r, 2, b"ab");
+        insert(&mut r, 6, b"cd");
+        let mut out = vec![b'.'; 6];
+        copy_out(&r, 1, &mut out);
+        assert_eq!(&out, b".ab.cd");
+    }
+}

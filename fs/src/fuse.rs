@@ -1,0 +1,520 @@
+//! The FUSE shim: `fuser::Filesystem` over `core::Fs`, and mounting.
+//!
+//! Owns: conversion between fuser types and core types, kernel connection settings
+//! (readdirplus, 1 MiB writes and readahead, keep-cache), attribute and entry TTLs, and the
+//! per-request tracing span. Every callback replies exactly once; errors are logged at debug
+//! (expected: ENOENT, EEXIST, ...) or warn (EIO, ENOSPC) and become their errno.
+//! Must not: contain filesystem logic, or be the only place a behaviour can be tested.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use pvfs_store::{FileKind, SetTime, Timestamp};
+use tracing::{debug, debug_span, warn};
+
+use crate::core::{Attr, Caller, Fs, SetAttrRequest};
+use crate::error::FsError;
+
+/// How long the kernel may cache attributes and names. All changes on this device go
+/// through the kernel, which updates its caches itself.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Mount settings.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// FUSE session threads.
+    pub threads: usize,
+    /// Let every user use the mount (`allow_other`; needs root or `user_allow_other`).
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { threads: 4, allow_other: true }
+    }
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime.into(),
+        mtime: a.mtime.into(),
+        ctime: a.ctime.into(),
+        crtime: a.btime.into(),
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => SetTime::At(Timestamp::from(st)),
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
+}
+
+fn errno(op: &str, e: &FsError) -> Errno {
+    if e.is_serious() {
+        warn!(op, errno = e.to_errno(), "{e:#}");
+    } else {
+        debug!(op, errno = e.to_errno(), "{e:#}");
+    }
+    Errno::from_i32(e.to_errno())
+}
+
+/// `fuser::Filesystem` for a `core::Fs`.
+#[derive(Debug)]
+pub struct FuseFs {
+    fs: Arc<Fs>,
+}
+
+impl FuseFs {
+    /// Wraps the core filesystem.
+    pub fn new(fs: Arc<Fs>) -> FuseFs {
+        FuseFs { fs }
+    }
+}
+
+macro_rules! reply_result {
+    ($op:literal, $reply:expr, $res:expr, |$v:pat_param| $ok:expr) => {
+        match $res {
+            Ok($v) => $ok,
+            Err(e) => $reply.error(errno($op, &e)),
+        }
+    };
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ASYNC_READ;
+        let supported = config.capabilities() & wanted;
+        let _ = config.add_capabilities(supported);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.flush_all() {
+            warn!("flushing at unmount failed: {e:#}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
+        reply_result!("lookup", reply, self.fs.lookup(parent.0, name.as_bytes()), |a| {
+            reply.entry(&TTL, &file_attr(&a), Generation(0))
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = debug_span!("getattr", ino = ino.0).entered();
+        reply_result!("getattr", reply, self.fs.getattr(ino.0), |a| reply.attr(&TTL, &file_attr(&a)));
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
+        let req = SetAttrRequest {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+        };
+        reply_result!("setattr", reply, self.fs.setattr(ino.0, &req), |a| reply.attr(&TTL, &file_attr(&a)));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _s = debug_span!("readlink", ino = ino.0).entered();
+        reply_result!("readlink", reply, self.fs.readlink(ino.0), |t| reply.data(&t));
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let _s = debug_span!("mknod", parent = parent.0, ?name, mode).entered();
+        let res = self.fs.mknod(parent.0, name.as_bytes(), mode, umask, rdev, caller(req));
+        reply_result!("mknod", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let _s = debug_span!("mkdir", parent = parent.0, ?name, mode).entered();
+        let res = self.fs.mkdir(parent.0, name.as_bytes(), mode, umask, caller(req));
+        reply_result!("mkdir", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
+        reply_result!("unlink", reply, self.fs.unlink(parent.0, name.as_bytes()), |()| reply.ok());
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("rmdir", parent = parent.0, ?name).entered();
+        reply_result!("rmdir", reply, self.fs.rmdir(parent.0, name.as_bytes()), |()| reply.ok());
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
+        let res = self.fs.symlink(parent.0, link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req));
+        reply_result!("symlink", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("rename", parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
+        let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+        if !(flags - known).is_empty() {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let res = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.contains(RenameFlags::RENAME_NOREPLACE),
+            flags.contains(RenameFlags::RENAME_EXCHANGE),
+        );
+        reply_result!("rename", reply, res, |()| reply.ok());
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
+        let res = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        reply_result!("link", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("open", ino = ino.0, flags = flags.0).entered();
+        reply_result!("open", reply, self.fs.open(ino.0, false), |fh| {
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
+        reply_result!("read", reply, self.fs.read(fh.0, offset, size), |data| reply.data(&data));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = debug_span!("write", ino = ino.0, fh = fh.0, offset, len = data.len()).entered();
+        reply_result!("write", reply, self.fs.write(fh.0, offset, data), |n| reply.written(n));
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let _s = debug_span!("flush", ino = ino.0, fh = fh.0).entered();
+        reply_result!("flush", reply, self.fs.flush(fh.0), |()| reply.ok());
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("release", ino = ino.0, fh = fh.0).entered();
+        reply_result!("release", reply, self.fs.release(fh.0), |()| reply.ok());
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _s = debug_span!("fsync", ino = ino.0, fh = fh.0).entered();
+        reply_result!("fsync", reply, self.fs.fsync(fh.0), |()| reply.ok());
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("opendir", ino = ino.0).entered();
+        reply_result!("opendir", reply, self.fs.opendir(ino.0), |fh| reply.opened(FileHandle(fh), FopenFlags::empty()));
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _s = debug_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
+        match self.fs.readdir(fh.0, offset) {
+            Ok((entries, start)) => {
+                for e in &entries[start..] {
+                    if reply.add(INodeNo(e.ino), e.next, kind(e.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _s = debug_span!("readdirplus", ino = ino.0, fh = fh.0, offset).entered();
+        match self.fs.readdir(fh.0, offset) {
+            Ok((entries, start)) => {
+                for e in &entries[start..] {
+                    // An entry deleted since the listing was taken is skipped.
+                    let Ok(a) = self.fs.getattr(e.ino) else { continue };
+                    if reply.add(INodeNo(e.ino), e.next, OsStr::from_bytes(&e.name), &TTL, &file_attr(&a), Generation(0)) {
+                        break;
+                    }
+                    if !e.is_dot() {
+                        self.fs.remember(e.ino);
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdirplus", &e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _s = debug_span!("fsyncdir", ino = ino.0).entered();
+        reply_result!("fsyncdir", reply, self.fs.fsyncdir(), |()| reply.ok());
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply_result!("statfs", reply, self.fs.statfs(), |s| reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize
+        ));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
+        reply_result!("setxattr", reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags), |()| reply.ok());
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = debug_span!("getxattr", ino = ino.0, ?name).entered();
+        reply_result!("getxattr", reply, self.fs.getxattr(ino.0, name.as_bytes()), |v| xattr_reply(reply, &v, size));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = debug_span!("listxattr", ino = ino.0).entered();
+        reply_result!("listxattr", reply, self.fs.listxattr(ino.0), |v| xattr_reply(reply, &v, size));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("removexattr", ino = ino.0, ?name).entered();
+        reply_result!("removexattr", reply, self.fs.removexattr(ino.0, name.as_bytes()), |()| reply.ok());
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _s = debug_span!("access", ino = ino.0).entered();
+        reply_result!("access", reply, self.fs.access(ino.0, mask.bits(), caller(req)), |()| reply.ok());
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let _s = debug_span!("create", parent = parent.0, ?name, mode, flags).entered();
+        if FileKind::from_mode(mode).is_some_and(|k| k != FileKind::File) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let res = self.fs.create(parent.0, name.as_bytes(), mode, umask, caller(req));
+        reply_result!("create", reply, res, |(a, fh)| reply.created(
+            &TTL,
+            &file_attr(&a),
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE
+        ));
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let _s = debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
+        reply_result!("fallocate", reply, self.fs.fallocate(fh.0, offset, length, mode), |()| reply.ok());
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let _s = debug_span!("lseek", ino = ino.0, offset, whence).entered();
+        let Ok(offset) = u64::try_from(offset) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        reply_result!("lseek", reply, self.fs.lseek(fh.0, offset, whence), |o| reply.offset(o as i64));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let _s = debug_span!("copy_file_range", ino_in = ino_in.0, ino_out = ino_out.0, offset_in, offset_out, len).entered();
+        if !flags.is_empty() {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let res = self.fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        reply_result!("copy_file_range", reply, res, |n| reply.written(n as u32));
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// A mounted, not yet running, FUSE session.
+#[derive(Debug)]
+pub struct Mount {
+    session: fuser::Session<FuseFs>,
+    threads: usize,
+}
+
+/// Unmounts a running session from another thread (signal handling).
+#[derive(Debug)]
+pub struct Unmounter(fuser::SessionUnmounter);
+
+impl Unmounter {
+    /// Unmounts; the session's `run` then returns.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+impl Mount {
+    /// Mounts `fs` at `mountpoint` (with `default_permissions`, and `allow_other` if asked).
+    pub fn new(fs: Arc<Fs>, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount> {
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("pvfs".into()),
+            MountOption::Subtype("pvfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::RW,
+        ];
+        if opts.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?;
+        Ok(Mount { session, threads: opts.threads })
+    }
+
+    /// A handle that unmounts this session.
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter(self.session.unmount_callable())
+    }
+
+    /// Serves requests until the filesystem is unmounted.
+    pub fn run(self) -> io::Result<()> {
+        debug!(threads = self.threads, "serving FUSE requests");
+        self.session.run()
+    }
+}

@@ -1,0 +1,157 @@
+//! Content-defined chunking (FastCDC v2020) and the stored encoding of a chunk.
+//!
+//! Owns: chunk size parameters, cut-point search over a buffer that starts at a chunk
+//! boundary, and per-chunk zstd (skipped for incompressible data).
+//! Must not: touch the database. Callers run this on blocking threads, never on async workers.
+
+use crate::error::{Result, StoreError};
+use crate::types::ChunkId;
+
+/// Smallest chunk FastCDC cuts (except at the end of a file).
+pub const MIN_CHUNK: usize = 16 * 1024;
+/// Average chunk size.
+pub const AVG_CHUNK: usize = 64 * 1024;
+/// Largest chunk.
+pub const MAX_CHUNK: usize = 256 * 1024;
+
+const TAG_RAW: u8 = 0;
+const TAG_ZSTD: u8 = 1;
+const ZSTD_LEVEL: i32 = 1;
+const SAMPLE: usize = 4096;
+
+/// Lengths of the chunks of `data`, which must start at a chunk boundary.
+///
+/// With `eof`, the whole buffer is cut (the last chunk ends at the end of `data`). Without it,
+/// only chunks whose end is decided by the content are returned: a trailing piece that more data
+/// could still extend is left out, so feeding a stream in pieces gives the same cuts as feeding
+/// it whole.
+pub fn cut(data: &[u8], eof: bool) -> Vec<usize> {
+    let mut lens = Vec::with_capacity(data.len() / AVG_CHUNK + 1);
+    for c in fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+        let at_end = c.offset + c.length == data.len();
+        if at_end && !eof && c.length < MAX_CHUNK {
+            break;
+        }
+        lens.push(c.length);
+    }
+    lens
+}
+
+/// The stored form of a chunk: a tag byte, then the plaintext or its zstd frame.
+pub(crate) fn encode(plain: &[u8]) -> Vec<u8> {
+    if looks_compressible(plain) {
+        if let Ok(z) = zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            if z.len() + z.len() / 8 < plain.len() {
+                let mut out = Vec::with_capacity(z.len() + 1);
+                out.push(TAG_ZSTD);
+                out.extend_from_slice(&z);
+                return out;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(plain.len() + 1);
+    out.push(TAG_RAW);
+    out.extend_from_slice(plain);
+    out
+}
+
+fn looks_compressible(plain: &[u8]) -> bool {
+    if plain.len() <= SAMPLE * 2 {
+        return true;
+    }
+    // A sample from the middle: random-looking data costs one small zstd call, not a full one.
+    let mid = plain.len() / 2;
+    let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
+    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
+        Ok(z) => z.len() < SAMPLE * 15 / 16,
+        Err(_) => false,
+    }
+}
+
+/// The plaintext of a stored chunk of plaintext length `len`.
+pub(crate) fn decode(stored: &[u8], len: usize) -> Result<Vec<u8>> {
+    match stored.split_first() {
+        Some((&TAG_RAW, rest)) if rest.len() == len => Ok(rest.to_vec()),
+        Some((&TAG_ZSTD, rest)) => {
+            let out = zstd::bulk::decompress(rest, len)
+                .map_err(|e| StoreError::corrupt(format!("chunk does not decompress: {e}")))?;
+            if out.len() != len {
+                return Err(StoreError::corrupt("decompressed chunk has the wrong length"));
+            }
+            Ok(out)
+        }
+        _ => Err(StoreError::corrupt("chunk has an unknown encoding or the wrong length")),
+    }
+}
+
+/// Decodes and checks a stored chunk against its id.
+pub(crate) fn decode_verified(id: &ChunkId, stored: &[u8], len: usize) -> Result<Vec<u8>> {
+    let plain = decode(stored, len)?;
+    if ChunkId::of(&plain) != *id {
+        return Err(StoreError::corrupt(format!("chunk {} fails its hash check", id.fmt_short())));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    #[test]
+    fn streaming_cuts_equal_whole_cuts() {
+        let data = random(3 << 20, 1);
+        let whole = cut(&data, true);
+        assert_eq!(whole.iter().sum::<usize>(), data.len());
+        // Feed in uneven pieces, carrying the undecided tail forward.
+        let mut lens = Vec::new();
+        let mut start = 0;
+        let mut fed = 0;
+        for piece in [100_000, 700_001, 1 << 20, 3 << 20] {
+            fed = (fed + piece).min(data.len());
+            let eof = fed == data.len();
+            for l in cut(&data[start..fed], eof) {
+                lens.push(l);
+                start += l;
+            }
+        }
+        assert_eq!(lens, whole);
+    }
+
+    #[test]
+    fn chunk_sizes_are_bounded() {
+        let data = random(4 << 20, 2);
+        let lens = cut(&data, true);
+        let (last, rest) = lens.split_last().unwrap();
+        assert!(rest.iter().all(|&l| (MIN_CHUNK..=MAX_CHUNK).contains(&l)));
+        assert!(*last <= MAX_CHUNK);
+    }
+
+    #[test]
+    fn encode_roundtrips_and_skips_random_data() {
+        let text = b"hello pvfs ".repeat(10_000);
+        let enc = encode(&text);
+        assert!(enc.len() < text.len() / 4);
+        assert_eq!(decode_verified(&ChunkId::of(&text), &enc, text.len()).unwrap(), text);
+        let rnd = random(64 << 10, 3);
+        let enc = encode(&rnd);
+        assert_eq!(enc.len(), rnd.len() + 1);
+        assert_eq!(decode(&enc, rnd.len()).unwrap(), rnd);
+    }
+
+    #[test]
+    fn decode_rejects_garbage() {
+        assert!(decode(&[], 0).is_err());
+        assert!(decode(&[7, 1, 2], 2).is_err());
+        assert!(decode(&[TAG_ZSTD, 1, 2, 3], 10).is_err());
+        assert!(decode(&[TAG_RAW, 1, 2, 3], 10).is_err());
+        let text = b"abc".repeat(100);
+        assert!(decode_verified(&ChunkId::of(b"other"), &encode(&text), text.len()).is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! Whole-store consistency check.
+//!
+//! Owns: the list of invariants a store must satisfy and the code that verifies them on a
+//! RocksDB snapshot: every chunk's hash, every manifest (extent map), reference counts, the
+//! tree (names, link counts, parents, reachability, no cycles), the id map, the op log and the
+//! running statistics.
+//! Must not: repair anything; it reports.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::Serialize;
+
+use crate::chunk;
+use crate::error::Result;
+use crate::kv::{Cf, ReadView};
+use crate::records::{self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, RefRecord, StatsRecord};
+use crate::store::Store;
+use crate::types::{ChunkId, FileKind, Ino, ROOT_INO};
+
+const MAX_PROBLEMS: usize = 1000;
+
+/// The result of `Store::fsck`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FsckReport {
+    /// Nodes checked.
+    pub nodes: u64,
+    /// Directory entries checked.
+    pub dirents: u64,
+    /// Extents checked.
+    pub extents: u64,
+    /// Chunks whose hash was verified.
+    pub chunks: u64,
+    /// Plaintext bytes hashed.
+    pub chunk_bytes: u64,
+    /// Ops in the log.
+    pub ops: u64,
+    /// Open-but-unlinked nodes (normal while the daemon runs; purged at the next start).
+    pub orphans: u64,
+    /// Every violated invariant, one line each (at most 1000).
+    pub problems: Vec<String>,
+}
+
+impl FsckReport {
+    /// True if no problem was found.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    fn problem(&mut self, p: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(p);
+        }
+    }
+}
+
+fn all(view: &dyn ReadView, cf: Cf) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+    view.scan_from(cf, &[])
+}
+
+impl Store {
+    /// Checks every invariant of the store on a consistent snapshot.
+    pub fn fsck(&self) -> Result<FsckReport> {
+        let snap = self.snapshot();
+        let view: &dyn ReadView = &*snap;
+        let mut r = FsckReport::default();
+
+        // Nodes and the id map.
+        let mut nodes: HashMap<Ino, NodeRecord> = HashMap::new();
+        let mut stats = StatsRecord::default();
+        for item in all(view, Cf::Nodes) {
+            let (k, v) = item?;
+            let ino = key::ino_of(&k)?;
+            match records::decode::<NodeRecord>("node", &v) {
+                Ok(n) => {
+                    stats.nodes += 1;
+                    match n.kind {
+                        FileKind::Dir => stats.dirs += 1,
+                        FileKind::File => {
+                            stats.files += 1;
+                            stats.logical_bytes += n.size;
+                        }
+                        FileKind::Symlink if n.target.as_ref().is_none_or(|t| t.len() as u64 != n.size) => {
+                            r.problem(format!("symlink {ino}: target missing or size wrong"));
+                        }
+                        _ => {}
+                    }
+                    match view.get(Cf::Ids, &key::node_id(n.id))? {
+                        Some(i) if key::ino_of(&i)? == ino => {}
+                        _ => r.problem(format!("node {ino}: id {} does not map back to it", n.id)),
+                    }
+                    nodes.insert(ino, n);
+                }
+                Err(e) => r.problem(format!("node {ino}: {e}")),
+            }
+        }
+        r.nodes = nodes.len() as u64;
+        for item in all(view, Cf::Ids) {
+            let (_, v) = item?;
+            let ino = key::ino_of(&v)?;
+            if !nodes.contains_key(&ino) {
+                r.problem(format!("id map points at missing node {ino}"));
+            }
+        }
+        if nodes.get(&ROOT_INO).is_none_or(|n| n.kind != FileKind::Dir) {
+            r.problem("the root directory is missing".into());
+        }
+
+        // Directory entries: names per node, subdirectories per directory, the tree.
+        let mut names: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+        let mut children: HashMap<Ino, Vec<Ino>> = HashMap::new();
+        for item in all(view, Cf::Dirents) {
+            let (k, v) = item?;
+            r.dirents += 1;
+            let parent = key::ino_of(&k)?;
+            let name = &k[8..];
+            let d: DirentRecord = match records::decode("dirent", &v) {
+                Ok(d) => d,
+                Err(e) => {
+                    r.problem(format!("dirent in {parent}: {e}"));
+                    continue;
+                }
+            };
+            if crate::ns::validate_name(name).is_err() {
+                r.problem(format!("dirent in {parent}: invalid name {:?}", String::from_utf8_lossy(name)));
+            }
+            match nodes.get(&parent) {
+                Some(p) if p.kind == FileKind::Dir => {}
+                _ => r.problem(format!("dirent {:?} in {parent}: parent is not a directory", String::from_utf8_lossy(name))),
+            }
+            let Some(child) = nodes.get(&d.ino) else {
+                r.problem(format!("dirent {:?} in {parent}: points at missing node {}", String::from_utf8_lossy(name), d.ino));
+                continue;
+            };
+            if child.kind != d.kind {
+                r.problem(format!("dirent {:?} in {parent}: kind differs from node {}", String::from_utf8_lossy(name), d.ino));
+            }
+            if child.kind == FileKind::Dir {
+                *subdirs.entry(parent).or_default() += 1;
+                if child.parent != parent {
+                    r.problem(format!("directory {}: parent pointer {} but named in {parent}", d.ino, child.parent));
+                }
+            }
+            *names.entry(d.ino).or_default() += 1;
+            children.entry(parent).or_default().push(d.ino);
+        }
+        let mut orphans: HashSet<Ino> = HashSet::new();
+        for item in all(view, Cf::Orphans) {
+            orphans.insert(key::ino_of(&item?.0)?);
+        }
+        r.orphans = orphans.len() as u64;
+        for (&ino, n) in &nodes {
+            let count = names.get(&ino).copied().unwrap_or(0);
+            if n.kind == FileKind::Dir {
+                let want = 2 + subdirs.get(&ino).copied().unwrap_or(0);
+                if n.nlink != want {
+                    r.problem(format!("directory {ino}: nlink {} but {} expected", n.nlink, want));
+                }
+                let want_names = if ino == ROOT_INO { 0 } else { 1 };
+                if count != want_names {
+                    r.problem(format!("directory {ino}: {count} names"));
+                }
+            } else if n.nlink != count {
+                r.problem(format!("node {ino}: nlink {} but {count} names", n.nlink));
+            } else if count == 0 && !orphans.contains(&ino) {
+                r.problem(format!("node {ino}: no names and not an orphan"));
+            }
+        }
+        for &o in &orphans {
+            if nodes.get(&o).is_none_or(|n| n.nlink != 0) {
+                r.problem(format!("orphan mark on {o}, which is missing or still named"));
+            }
+        }
+        // Reachability from the root; a directory seen twice means a cycle or a second name.
+        let mut seen: HashSet<Ino> = HashSet::new();
+        let mut queue = VecDeque::from([ROOT_INO]);
+        while let Some(dir) = queue.pop_front() {
+            if !seen.insert(dir) {
+                r.problem(format!("directory {dir} is reached twice (cycle)"));
+                continue;
+            }
+            for &c in children.get(&dir).map(Vec::as_slice).unwrap_or(&[]) {
+                if nodes.get(&c).is_some_and(|n| n.kind == FileKind::Dir) {
+                    queue.push_back(c);
+                } else {
+                    seen.insert(c);
+                }
+            }
+        }
+        for (&ino, _) in &nodes {
+            if !seen.contains(&ino) && !orphans.contains(&ino) {
+                r.problem(format!("node {ino} is not reachable from the root"));
+            }
+        }
+
+        // Extents: order, bounds, and the references they hold.
+        let mut counted: HashMap<ChunkId, u64> = HashMap::new();
+        let mut last: Option<(Ino, u64)> = None;
+        for item in all(view, Cf::Extents) {
+            let (k, v) = item?;
+            r.extents += 1;
+            let (ino, off) = key::extent_offset(&k)?;
+            let e: ExtentRecord = match records::decode("extent", &v) {
+                Ok(e) => e,
+                Err(err) => {
+                    r.problem(format!("extent {ino}@{off}: {err}"));
+                    continue;
+                }
+            };
+            stats.referenced_bytes += u64::from(e.len);
+            *counted.entry(e.chunk).or_default() += 1;
+            let end = off + u64::from(e.len);
+            match nodes.get(&ino) {
+                Some(n) if n.kind == FileKind::File => {
+                    if end > n.size {
+                        r.problem(format!("extent {ino}@{off}+{} beyond size {}", e.len, n.size));
+                    }
+                }
+                _ => r.problem(format!("extent {ino}@{off} of a missing or non-file node")),
+            }
+            if e.len == 0 {
+                r.problem(format!("extent {ino}@{off} is empty"));
+            }
+            if let Some((li, lend)) = last {
+                if li == ino && off < lend {
+                    r.problem(format!("extents of {ino} overlap at {off}"));
+                }
+            }
+            last = Some((ino, end));
+        }
+
+        // Chunks: reference counts, presence, hashes.
+        let mut refs: HashMap<ChunkId, RefRecord> = HashMap::new();
+        for item in all(view, Cf::Refs) {
+            let (k, v) = item?;
+            let Ok(id) = k.as_slice().try_into().map(ChunkId) else {
+                r.problem("refs key of the wrong length".into());
+                continue;
+            };
+            match records::decode::<RefRecord>("chunk ref", &v) {
+                Ok(rec) => {
+                    let want = counted.get(&id).copied().unwrap_or(0);
+                    if rec.count != want {
+                        r.problem(format!("chunk {}: refcount {} but {} references", id.fmt_short(), rec.count, want));
+                    }
+                    stats.chunks += 1;
+                    stats.chunk_bytes += u64::from(rec.len);
+                    stats.stored_bytes += u64::from(rec.stored);
+                    refs.insert(id, rec);
+                }
+                Err(e) => r.problem(format!("chunk {}: {e}", id.fmt_short())),
+            }
+        }
+        for id in counted.keys() {
+            if !refs.contains_key(id) {
+                r.problem(format!("chunk {} is referenced but has no refs entry", id.fmt_short()));
+            }
+        }
+        let mut data_seen = 0u64;
+        for item in all(view, Cf::Chunks) {
+            let (k, v) = item?;
+            data_seen += 1;
+            let Ok(id) = k.as_slice().try_into().map(ChunkId) else {
+                r.problem("chunk key of the wrong length".into());
+                continue;
+            };
+            let Some(rec) = refs.get(&id) else {
+                r.problem(format!("chunk {} is stored but unreferenced (garbage)", id.fmt_short()));
+                continue;
+            };
+            if v.len() != rec.stored as usize {
+                r.problem(format!("chunk {}: stored length {} but {} recorded", id.fmt_short(), v.len(), rec.stored));
+            }
+            match chunk::decode_verified(&id, &v, rec.len as usize) {
+                Ok(plain) => {
+                    r.chunks += 1;
+                    r.chunk_bytes += plain.len() as u64;
+                }
+                Err(e) => r.problem(format!("chunk {}: {e}", id.fmt_short())),
+            }
+        }
+        if data_seen != refs.len() as u64 {
+            r.problem(format!("{} refs entries but {} stored chunks", refs.len(), data_seen));
+        }
+
+        // Extended attributes belong to nodes.
+        for item in all(view, Cf::Xattrs) {
+            let (k, _) = item?;
+            let ino = key::ino_of(&k)?;
+            if !nodes.contains_key(&ino) {
+                r.problem(format!("extended attribute of missing node {ino}"));
+            }
+        }
+
+        // The op log of this device is gap-free up to the sequence counter.
+        let device = self.device();
+        let next_seq = meta(view, key::META_NEXT_SEQ)?;
+        let mut expect = 1u64;
+        for item in all(view, Cf::Oplog) {
+            let (k, v) = item?;
+            r.ops += 1;
+            match records::decode::<OpRecord>("op", &v) {
+                Ok(op) => {
+                    if k != key::op(op.id.device, op.id.seq) {
+                        r.problem(format!("op {:?} stored under another key", op.id));
+                    }
+                    if op.id.device == device {
+                        if op.id.seq != expect {
+                            r.problem(format!("op log gap: seq {} where {expect} expected", op.id.seq));
+                        }
+                        expect = op.id.seq + 1;
+                    }
+                }
+                Err(e) => r.problem(format!("op: {e}")),
+            }
+        }
+        if next_seq != Some(expect) {
+            r.problem(format!("op log ends at {} but the counter says {next_seq:?}", expect - 1));
+        }
+        match view.get(Cf::Meta, key::META_STATS)? {
+            Some(b) => {
+                let stored: StatsRecord = records::decode("stats", &b)?;
+                if stored != stats {
+                    r.problem(format!("statistics {stored:?} but recount gives {stats:?}"));
+                }
+            }
+            None => r.problem("statistics missing".into()),
+        }
+        if let Some(next_ino) = meta(view, key::META_NEXT_INO)? {
+            if nodes.keys().any(|&i| i >= next_ino) {
+                r.problem("a node's ino is not below the ino counter".into());
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn meta(view: &dyn ReadView, k: &[u8]) -> Result<Option<u64>> {
+    Ok(view.get(Cf::Meta, k)?.and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+}

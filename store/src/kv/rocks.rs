@@ -1,0 +1,203 @@
+//! The RocksDB backend: one database per device, one column family per `Cf`.
+//!
+//! Owns: RocksDB options (BlobDB for chunks, bloom filters, one shared block cache) and the
+//! mapping of RocksDB errors onto `StoreError`.
+//! Must not: leak `rocksdb` types outside this module.
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode,
+    Options, WriteBatch, WriteOptions, DB,
+};
+
+use super::{Backend, BatchOp, Cf, ReadView, Scan};
+use crate::error::{is_no_space_message, Result, StoreError};
+
+/// Tuning knobs for the RocksDB backend.
+#[derive(Clone, Debug)]
+pub struct RocksOptions {
+    /// Shared block cache for metadata column families, in bytes.
+    pub block_cache_bytes: usize,
+    /// Memtable size of the chunks column family, in bytes.
+    pub chunk_write_buffer_bytes: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions { block_cache_bytes: 128 << 20, chunk_write_buffer_bytes: 64 << 20 }
+    }
+}
+
+pub(crate) struct RocksBackend {
+    db: DB,
+}
+
+impl std::fmt::Debug for RocksBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksBackend").field("path", &self.db.path()).finish()
+    }
+}
+
+pub(crate) fn db_err(e: rocksdb::Error) -> StoreError {
+    let msg = e.into_string();
+    if is_no_space_message(&msg) {
+        StoreError::NoSpace
+    } else {
+        StoreError::Db(msg)
+    }
+}
+
+fn cf_options(cf: Cf, cache: &Cache, opts: &RocksOptions) -> Options {
+    let mut o = Options::default();
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_format_version(5);
+    match cf {
+        Cf::Chunks => {
+            // Chunks are compressed (or found incompressible) before they get here.
+            o.set_compression_type(DBCompressionType::None);
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(4096);
+            o.set_blob_file_size(256 << 20);
+            o.set_blob_compression_type(DBCompressionType::None);
+            o.set_enable_blob_gc(true);
+            o.set_blob_gc_age_cutoff(0.25);
+            o.set_write_buffer_size(opts.chunk_write_buffer_bytes);
+        }
+        _ => {
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(16 << 20);
+        }
+    }
+    o.set_level_compaction_dynamic_level_bytes(true);
+    o.set_block_based_table_factory(&table);
+    o
+}
+
+impl RocksBackend {
+    pub(crate) fn open(path: &Path, opts: &RocksOptions) -> Result<RocksBackend> {
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(4);
+        db_opts.increase_parallelism(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_max_total_wal_size(1 << 30);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_log_file_size(16 << 20);
+        db_opts.set_max_open_files(512);
+        let cfs = Cf::ALL.iter().map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf, &cache, opts)));
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            let msg = e.into_string();
+            let reason = if msg.contains("lock") || msg.contains("LOCK") {
+                "in use by another pvfs daemon (the RocksDB lock is held)".to_string()
+            } else {
+                msg
+            };
+            StoreError::DataDir { path: path.to_path_buf(), reason }
+        })?;
+        Ok(RocksBackend { db })
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+    }
+}
+
+struct RawScan<'a> {
+    it: DBRawIteratorWithThreadMode<'a, DB>,
+    forward: bool,
+    done: bool,
+}
+
+impl Iterator for RawScan<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if !self.it.valid() {
+            self.done = true;
+            return match self.it.status() {
+                Ok(()) => None,
+                Err(e) => Some(Err(db_err(e))),
+            };
+        }
+        let item = match (self.it.key(), self.it.value()) {
+            (Some(k), Some(v)) => (k.to_vec(), v.to_vec()),
+            _ => {
+                self.done = true;
+                return None;
+            }
+        };
+        if self.forward {
+            self.it.next();
+        } else {
+            self.it.prev();
+        }
+        Some(Ok(item))
+    }
+}
+
+fn raw_scan<'a>(mut it: DBRawIteratorWithThreadMode<'a, DB>, from: &[u8], forward: bool) -> Scan<'a> {
+    if forward {
+        it.seek(from);
+    } else {
+        it.seek_for_prev(from);
+    }
+    Box::new(RawScan { it, forward, done: false })
+}
+
+impl ReadView for RocksBackend {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_pinned_cf(self.cf(cf), key).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
+    }
+    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
+        raw_scan(self.db.raw_iterator_cf(self.cf(cf)), from, true)
+    }
+    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
+        raw_scan(self.db.raw_iterator_cf(self.cf(cf)), from, false)
+    }
+}
+
+struct RocksSnapshot<'a> {
+    backend: &'a RocksBackend,
+    snap: rocksdb::SnapshotWithThreadMode<'a, DB>,
+}
+
+impl ReadView for RocksSnapshot<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snap.get_pinned_cf(self.backend.cf(cf), key).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
+    }
+    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
+        raw_scan(self.snap.raw_iterator_cf(self.backend.cf(cf)), from, true)
+    }
+    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
+        raw_scan(self.snap.raw_iterator_cf(self.backend.cf(cf)), from, false)
+    }
+}
+
+impl Backend for RocksBackend {
+    fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        for (cf, key, value) in &batch {
+            match value {
+                Some(v) => wb.put_cf(self.cf(*cf), key, v),
+                None => wb.delete_cf(self.cf(*cf), key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo).map_err(db_err)
+    }
+    fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(db_err)
+    }
+    fn snapshot(&self) -> Box<dyn ReadView + '_> {
+        Box::new(RocksSnapshot { backend: self, snap: self.db.snapshot() })
+    }
+}

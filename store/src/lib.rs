@@ -1,0 +1,34 @@
+//! pvfs-store: everything one device keeps, in one RocksDB database.
+//!
+//! Column families hold the namespace (nodes, directory entries, the id map), file content
+//! (extent maps onto FastCDC chunks named by their BLAKE3 hash, with reference counts), the
+//! op log (every change as an op with device, sequence number and hybrid logical clock) and
+//! metadata. A change is one `Txn` committed as one atomic `WriteBatch`: chunks, extent map,
+//! node records and the op together.
+//!
+//! Architecture invariant: this crate does no network I/O and never runs on an async worker;
+//! every call may block on the local disk.
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod chunk;
+mod content;
+mod error;
+mod fsck;
+mod kv;
+mod ns;
+mod records;
+mod store;
+mod txn;
+mod types;
+
+pub use chunk::{cut, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+pub use content::{is_zero, NewExtent};
+pub use error::{Result, StoreError};
+pub use fsck::FsckReport;
+pub use kv::rocks::RocksOptions;
+pub use ns::{validate_name, NewNode, RenameFlags, SetAttrs, SetTime, XattrMode, LINK_MAX, NAME_MAX, SYMLINK_MAX, XATTR_VALUE_MAX};
+pub use records::{DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, StatsRecord};
+pub use store::{RootOwner, SpaceInfo, Store, StoreOptions};
+pub use txn::{PreparedChunk, Txn};
+pub use types::{random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO};

@@ -1,0 +1,293 @@
+//! On-disk records and key encodings.
+//!
+//! Owns: the serde structs stored in each column family, the op log's record format, and the
+//! byte layout of every key (big-endian integers so that RocksDB's order is numeric order).
+//! Must not: contain logic beyond encoding; these types change only with a format version bump.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StoreError};
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp};
+
+/// The on-disk format version written to `meta/format`.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// A node (file, directory, symlink, special file) as stored in `Cf::Nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The global id.
+    pub id: NodeId,
+    /// What kind of object this is.
+    pub kind: FileKind,
+    /// Permission bits including setuid/setgid/sticky (no `S_IFMT` bits).
+    pub perm: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number of character/block device nodes.
+    pub rdev: u32,
+    /// Number of names (directories: 2 + subdirectories).
+    pub nlink: u32,
+    /// Size in bytes (files: logical size including holes; symlinks: target length).
+    pub size: u64,
+    /// Last access, as set by the user (pvfs does not update it on read).
+    pub atime: Timestamp,
+    /// Last content change.
+    pub mtime: Timestamp,
+    /// Last change of content or attributes.
+    pub ctime: Timestamp,
+    /// Creation time.
+    pub btime: Timestamp,
+    /// Directories: the parent directory's ino (the root is its own parent). Others: 0.
+    pub parent: Ino,
+    /// The op that last changed the content, the base of the next edit (for conflict detection).
+    pub version: Option<OpId>,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+}
+
+/// A directory entry as stored in `Cf::Dirents`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirentRecord {
+    /// The child.
+    pub ino: Ino,
+    /// The child's kind, so that readdir needs no node lookups.
+    pub kind: FileKind,
+}
+
+/// One piece of a file's content: the chunk that holds bytes `[offset, offset + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentRecord {
+    /// The chunk.
+    pub chunk: ChunkId,
+    /// The chunk's length.
+    pub len: u32,
+}
+
+/// Reference count and sizes of a stored chunk, in `Cf::Refs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RefRecord {
+    /// Number of extents, in all files, that use this chunk.
+    pub count: u64,
+    /// Plaintext length.
+    pub len: u32,
+    /// Encoded (possibly compressed) length as stored.
+    pub stored: u32,
+}
+
+/// Running totals kept with every commit, checked by fsck.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRecord {
+    /// Nodes of every kind.
+    pub nodes: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Sum of the sizes of regular files (each hard-linked file once).
+    pub logical_bytes: u64,
+    /// Sum of the lengths of all extents (bytes that are data, not holes).
+    pub referenced_bytes: u64,
+    /// Distinct chunks stored.
+    pub chunks: u64,
+    /// Their plaintext bytes.
+    pub chunk_bytes: u64,
+    /// Their stored (encoded) bytes.
+    pub stored_bytes: u64,
+}
+
+/// One change to the namespace, as recorded in the op log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    /// Device and sequence number.
+    pub id: OpId,
+    /// Hybrid logical clock when the op was made.
+    pub hlc: Hlc,
+    /// What changed.
+    pub kind: OpKind,
+}
+
+/// The kinds of namespace change. Names are raw bytes (validated on apply).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    /// A new node under a name.
+    Create {
+        /// The new node.
+        node: NodeId,
+        /// Its directory.
+        parent: NodeId,
+        /// Its name.
+        name: Vec<u8>,
+        /// Its kind.
+        kind: FileKind,
+        /// Permission bits.
+        perm: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Device number for device nodes.
+        rdev: u32,
+        /// Symlink target.
+        target: Option<Vec<u8>>,
+        /// Creation time.
+        time: Timestamp,
+    },
+    /// A further name for an existing node.
+    Link {
+        /// The node.
+        node: NodeId,
+        /// The directory of the new name.
+        parent: NodeId,
+        /// The new name.
+        name: Vec<u8>,
+        /// When.
+        time: Timestamp,
+    },
+    /// A name removed (the node goes when its last name and last open handle are gone).
+    Unlink {
+        /// The node the name pointed to.
+        node: NodeId,
+        /// The directory.
+        parent: NodeId,
+        /// The name.
+        name: Vec<u8>,
+        /// When.
+        time: Timestamp,
+    },
+    /// A name moved (and possibly a name replaced, or two names swapped).
+    Rename {
+        /// The node moved.
+        node: NodeId,
+        /// Old directory.
+        from_parent: NodeId,
+        /// Old name.
+        from_name: Vec<u8>,
+        /// New directory.
+        to_parent: NodeId,
+        /// New name.
+        to_name: Vec<u8>,
+        /// The node that had the new name: replaced, or moved to the old name on exchange.
+        other: Option<NodeId>,
+        /// Whether the two names were swapped.
+        exchange: bool,
+        /// When.
+        time: Timestamp,
+    },
+    /// Attributes changed.
+    SetAttr {
+        /// The node.
+        node: NodeId,
+        /// New permission bits.
+        perm: Option<u32>,
+        /// New owner.
+        uid: Option<u32>,
+        /// New group.
+        gid: Option<u32>,
+        /// New access time.
+        atime: Option<Timestamp>,
+        /// New modification time.
+        mtime: Option<Timestamp>,
+        /// The resulting change time.
+        ctime: Timestamp,
+    },
+    /// An extended attribute set (`Some`) or removed (`None`).
+    SetXattr {
+        /// The node.
+        node: NodeId,
+        /// Attribute name.
+        name: Vec<u8>,
+        /// New value.
+        value: Option<Vec<u8>>,
+    },
+    /// File content changed: extents in `[start, end)` replaced by `extents`, size set.
+    Content {
+        /// The file.
+        node: NodeId,
+        /// The version this edit was based on.
+        base: Option<OpId>,
+        /// Start of the replaced range.
+        start: u64,
+        /// End of the replaced range.
+        end: u64,
+        /// New extents (offset, chunk, length) inside `[start, end)`; gaps are holes.
+        extents: Vec<(u64, ChunkId, u32)>,
+        /// The file size afterwards.
+        size: u64,
+        /// The modification time afterwards.
+        mtime: Timestamp,
+    },
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("serializing plain data into a Vec cannot fail")
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::corrupt(format!("{what}: {e}")))
+}
+
+pub(crate) mod key {
+    //! Key layouts.
+    use super::*;
+
+    pub(crate) fn ino(ino: Ino) -> [u8; 8] {
+        ino.to_be_bytes()
+    }
+
+    pub(crate) fn ino_of(key: &[u8]) -> Result<Ino> {
+        let b: [u8; 8] = key
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StoreError::corrupt("short key"))?;
+        Ok(Ino::from_be_bytes(b))
+    }
+
+    pub(crate) fn node_id(id: NodeId) -> [u8; 16] {
+        id.0.to_be_bytes()
+    }
+
+    pub(crate) fn dirent(parent: Ino, name: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(8 + name.len());
+        k.extend_from_slice(&parent.to_be_bytes());
+        k.extend_from_slice(name);
+        k
+    }
+
+    pub(crate) fn extent(ino: Ino, offset: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&ino.to_be_bytes());
+        k[8..].copy_from_slice(&offset.to_be_bytes());
+        k
+    }
+
+    pub(crate) fn extent_offset(key: &[u8]) -> Result<(Ino, u64)> {
+        if key.len() != 16 {
+            return Err(StoreError::corrupt("extent key length"));
+        }
+        let ino = ino_of(key)?;
+        let off = u64::from_be_bytes(key[8..16].try_into().expect("length checked above"));
+        Ok((ino, off))
+    }
+
+    pub(crate) fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
+        dirent(ino, name)
+    }
+
+    pub(crate) fn op(device: DeviceId, seq: u64) -> [u8; 24] {
+        let mut k = [0u8; 24];
+        k[..16].copy_from_slice(&device.0);
+        k[16..].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    pub(crate) const META_FORMAT: &[u8] = b"format";
+    pub(crate) const META_DEVICE: &[u8] = b"device";
+    pub(crate) const META_NAMESPACE: &[u8] = b"namespace";
+    pub(crate) const META_NEXT_INO: &[u8] = b"next_ino";
+    pub(crate) const META_NEXT_SEQ: &[u8] = b"next_seq";
+    pub(crate) const META_HLC: &[u8] = b"hlc";
+    pub(crate) const META_STATS: &[u8] = b"stats";
+}

@@ -1,0 +1,431 @@
+//! The store handle: opening a device's database, reads, and serialized commits.
+//!
+//! Owns: the writer lock (one transaction at a time; RocksDB groups concurrent WAL writes
+//! below us), the decoded-chunk cache, and the free-space guard of the data directory.
+//! Must not: do network I/O, or be called from an async worker thread (every call may block
+//! on disk: use `spawn_blocking` or a dedicated thread).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::chunk;
+use crate::error::{Result, StoreError};
+use crate::kv::mem::MemBackend;
+use crate::kv::rocks::{RocksBackend, RocksOptions};
+use crate::kv::{scan_prefix, Backend, Cf, ReadView};
+use crate::records::{
+    self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, StatsRecord, FORMAT_VERSION,
+};
+use crate::txn::{PreparedChunk, Txn, WriterState};
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
+
+/// Settings of a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// RocksDB tuning.
+    pub rocks: RocksOptions,
+    /// Bytes of decoded chunks kept in memory.
+    pub chunk_cache_bytes: u64,
+    /// Free space kept in reserve on the data directory's disk: new data is refused with
+    /// `NoSpace` below it, so that deletes and RocksDB's own flushes still fit.
+    pub reserve_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { rocks: RocksOptions::default(), chunk_cache_bytes: 256 << 20, reserve_bytes: 192 << 20 }
+    }
+}
+
+/// How a new namespace's root directory starts out.
+#[derive(Clone, Copy, Debug)]
+pub struct RootOwner {
+    /// Owner of the root directory.
+    pub uid: u32,
+    /// Group of the root directory.
+    pub gid: u32,
+}
+
+/// Capacity of the disk under the data directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpaceInfo {
+    /// Block size.
+    pub block_size: u64,
+    /// Total bytes.
+    pub total: u64,
+    /// Free bytes.
+    pub free: u64,
+    /// Bytes available to pvfs (free minus the reserve).
+    pub available: u64,
+}
+
+#[derive(Clone)]
+struct ChunkWeight;
+
+impl quick_cache::Weighter<ChunkId, Bytes> for ChunkWeight {
+    fn weight(&self, _key: &ChunkId, val: &Bytes) -> u64 {
+        val.len() as u64 + 64
+    }
+}
+
+struct SpaceGuard {
+    path: PathBuf,
+    reserve: u64,
+    free: AtomicU64,
+    checked: Mutex<Option<Instant>>,
+}
+
+impl SpaceGuard {
+    fn statvfs(&self) -> Result<SpaceInfo> {
+        let st = rustix::fs::statvfs(&self.path).map_err(|e| StoreError::Io(e.into()))?;
+        let bs = st.f_frsize.max(1);
+        let free = st.f_bavail.saturating_mul(bs);
+        Ok(SpaceInfo {
+            block_size: bs,
+            total: st.f_blocks.saturating_mul(bs),
+            free,
+            available: free.saturating_sub(self.reserve),
+        })
+    }
+
+    fn free_bytes(&self) -> Result<u64> {
+        let mut checked = self.checked.lock();
+        if checked.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
+            let info = self.statvfs()?;
+            self.free.store(info.free, Ordering::Relaxed);
+            *checked = Some(Instant::now());
+        }
+        Ok(self.free.load(Ordering::Relaxed))
+    }
+
+    fn consumed(&self, bytes: u64) {
+        // Until the next statvfs, assume what we wrote took that much space.
+        let _ = self.free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_sub(bytes)));
+    }
+}
+
+struct Inner {
+    backend: Box<dyn Backend>,
+    writer: Mutex<WriterState>,
+    device: DeviceId,
+    namespace: [u8; 16],
+    cache: quick_cache::sync::Cache<ChunkId, Bytes, ChunkWeight>,
+    space: Option<SpaceGuard>,
+}
+
+/// A device's store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("device", &self.inner.device).finish()
+    }
+}
+
+fn meta_u64(view: &dyn ReadView, k: &[u8]) -> Result<u64> {
+    let v = view.get(Cf::Meta, k)?.ok_or_else(|| StoreError::corrupt(format!("meta {} missing", String::from_utf8_lossy(k))))?;
+    let b: [u8; 8] = v.as_slice().try_into().map_err(|_| StoreError::corrupt("meta value length"))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+impl Store {
+    /// True if `dir` holds an initialized store.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("db").join("CURRENT").is_file()
+    }
+
+    /// Opens the store in `dir` (its RocksDB lives in `dir/db`). It must have been created.
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store> {
+        if !Store::exists(dir) {
+            return Err(StoreError::DataDir { path: dir.to_path_buf(), reason: "no pvfs store here (run `pvfs init`)".into() });
+        }
+        let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
+        Store::from_backend(Box::new(backend), opts, Some(dir), None)
+    }
+
+    /// Creates a new store with a new namespace in `dir`.
+    pub fn create(dir: &Path, opts: &StoreOptions, device: DeviceId, owner: RootOwner) -> Result<Store> {
+        if Store::exists(dir) {
+            return Err(StoreError::DataDir { path: dir.to_path_buf(), reason: "a pvfs store already exists here".into() });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::DataDir { path: dir.to_path_buf(), reason: e.to_string() })?;
+        let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
+        Store::from_backend(Box::new(backend), opts, Some(dir), Some((device, owner)))
+    }
+
+    /// A new store in memory (tests, models).
+    pub fn in_memory(device: DeviceId, owner: RootOwner) -> Result<Store> {
+        Store::from_backend(Box::new(MemBackend::default()), &StoreOptions::default(), None, Some((device, owner)))
+    }
+
+    fn from_backend(
+        backend: Box<dyn Backend>,
+        opts: &StoreOptions,
+        dir: Option<&Path>,
+        init: Option<(DeviceId, RootOwner)>,
+    ) -> Result<Store> {
+        if let Some((device, owner)) = init {
+            initialize(&*backend, device, owner)?;
+        }
+        let format = backend.get(Cf::Meta, key::META_FORMAT)?;
+        match format {
+            None => return Err(StoreError::corrupt("the database has no format record")),
+            Some(f) if f != FORMAT_VERSION.to_be_bytes() => {
+                return Err(StoreError::corrupt(format!("unsupported store format {f:?}")))
+            }
+            Some(_) => {}
+        }
+        let device_bytes = backend.get(Cf::Meta, key::META_DEVICE)?.ok_or_else(|| StoreError::corrupt("no device id"))?;
+        let device = DeviceId(device_bytes.as_slice().try_into().map_err(|_| StoreError::corrupt("device id length"))?);
+        let ns = backend.get(Cf::Meta, key::META_NAMESPACE)?.ok_or_else(|| StoreError::corrupt("no namespace id"))?;
+        let namespace: [u8; 16] = ns.as_slice().try_into().map_err(|_| StoreError::corrupt("namespace id length"))?;
+        let stats = match backend.get(Cf::Meta, key::META_STATS)? {
+            Some(b) => records::decode("stats", &b)?,
+            None => StatsRecord::default(),
+        };
+        let state = WriterState {
+            device,
+            next_ino: meta_u64(&*backend, key::META_NEXT_INO)?,
+            next_seq: meta_u64(&*backend, key::META_NEXT_SEQ)?,
+            hlc: Hlc(meta_u64(&*backend, key::META_HLC)?),
+            stats,
+        };
+        let cache_items = (opts.chunk_cache_bytes / chunk::AVG_CHUNK as u64).max(16) as usize;
+        let space = dir.map(|d| SpaceGuard {
+            path: d.to_path_buf(),
+            reserve: opts.reserve_bytes,
+            free: AtomicU64::new(0),
+            checked: Mutex::new(None),
+        });
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend,
+                writer: Mutex::new(state),
+                device,
+                namespace,
+                cache: quick_cache::sync::Cache::with_weighter(cache_items, opts.chunk_cache_bytes, ChunkWeight),
+                space,
+            }),
+        })
+    }
+
+    /// This device's id.
+    pub fn device(&self) -> DeviceId {
+        self.inner.device
+    }
+
+    /// The namespace id.
+    pub fn namespace(&self) -> [u8; 16] {
+        self.inner.namespace
+    }
+
+    /// A read-only transaction view of the current state.
+    fn reader(&self) -> Txn<'_> {
+        let state = WriterState {
+            device: self.inner.device,
+            next_ino: 0,
+            next_seq: 0,
+            hlc: Hlc::default(),
+            stats: StatsRecord::default(),
+        };
+        Txn::new(&*self.inner.backend, state, Timestamp::now())
+    }
+
+    /// The node with this ino.
+    pub fn node(&self, ino: Ino) -> Result<Option<NodeRecord>> {
+        self.reader().node(ino)
+    }
+
+    /// The ino of a global node id.
+    pub fn ino_of(&self, id: NodeId) -> Result<Option<Ino>> {
+        match self.inner.backend.get(Cf::Ids, &key::node_id(id))? {
+            Some(v) => Ok(Some(key::ino_of(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The entry `name` in directory `parent`.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentRecord>> {
+        self.reader().dirent(parent, name)
+    }
+
+    /// All entries of a directory, in name order.
+    pub fn list_dir(&self, ino: Ino) -> Result<Vec<(Vec<u8>, DirentRecord)>> {
+        let mut out = Vec::new();
+        for item in scan_prefix(&*self.inner.backend, Cf::Dirents, &key::ino(ino)) {
+            let (k, v) = item?;
+            out.push((k[8..].to_vec(), records::decode("dirent", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Extents of `ino` overlapping `[start, end)`.
+    pub fn extents(&self, ino: Ino, start: u64, end: u64) -> Result<Vec<(u64, ExtentRecord)>> {
+        self.reader().extents(ino, start, end)
+    }
+
+    /// The value of an extended attribute.
+    pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.backend.get(Cf::Xattrs, &key::xattr(ino, name))
+    }
+
+    /// Names of the extended attributes of a node.
+    pub fn xattr_names(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for item in scan_prefix(&*self.inner.backend, Cf::Xattrs, &key::ino(ino)) {
+            out.push(item?.0[8..].to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Inodes of nodes without names that were still open when they lost their last name.
+    pub fn orphans(&self) -> Result<Vec<Ino>> {
+        let mut out = Vec::new();
+        for item in self.inner.backend.scan_from(Cf::Orphans, &[]) {
+            out.push(key::ino_of(&item?.0)?);
+        }
+        Ok(out)
+    }
+
+    /// The plaintext of a chunk of length `len`.
+    pub fn chunk(&self, id: &ChunkId, len: u32) -> Result<Bytes> {
+        if let Some(b) = self.inner.cache.get(id) {
+            return Ok(b);
+        }
+        let stored = self.inner.backend.get(Cf::Chunks, &id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
+        let plain = Bytes::from(chunk::decode(&stored, len as usize)?);
+        self.inner.cache.insert(*id, plain.clone());
+        Ok(plain)
+    }
+
+    /// True if the chunk is stored on this device.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.inner.backend.get(Cf::Refs, &id.0)?.is_some())
+    }
+
+    /// Hashes a chunk and, if it is not stored yet, encodes it, so that the commit that
+    /// references it does little work under the writer lock.
+    pub fn prepare(&self, plain: Bytes) -> Result<PreparedChunk> {
+        let mut c = PreparedChunk::new(plain, false);
+        if !self.has_chunk(&c.id)? {
+            c.encoded = Some(chunk::encode(&c.plain));
+        }
+        Ok(c)
+    }
+
+    /// Running totals.
+    pub fn stats(&self) -> StatsRecord {
+        self.inner.writer.lock().stats
+    }
+
+    /// Ops of `device` from sequence number `from` on, at most `limit`.
+    pub fn ops(&self, device: DeviceId, from: u64, limit: usize) -> Result<Vec<OpRecord>> {
+        let mut out = Vec::new();
+        let start = key::op(device, from);
+        for item in self.inner.backend.scan_from(Cf::Oplog, &start) {
+            let (k, v) = item?;
+            if !k.starts_with(&device.0) {
+                break;
+            }
+            if out.len() >= limit {
+                break;
+            }
+            out.push(records::decode("op", &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Fails with `NoSpace` if writing `extra` more bytes would eat into the reserve.
+    pub fn check_space(&self, extra: u64) -> Result<()> {
+        let Some(space) = &self.inner.space else { return Ok(()) };
+        let free = space.free_bytes()?;
+        if free < space.reserve.saturating_add(extra) {
+            return Err(StoreError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Capacity of the data directory's disk (a large fake one for in-memory stores).
+    pub fn space(&self) -> Result<SpaceInfo> {
+        match &self.inner.space {
+            Some(s) => s.statvfs(),
+            None => Ok(SpaceInfo { block_size: 4096, total: 1 << 40, free: 1 << 40, available: 1 << 40 }),
+        }
+    }
+
+    /// Runs `f` as one transaction and commits its writes and ops in one atomic batch.
+    /// With `sync`, the batch is durable when this returns. Nothing is written if `f` fails.
+    pub fn commit<T>(&self, sync: bool, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
+        let mut state = self.inner.writer.lock();
+        let mut tx = Txn::new(&*self.inner.backend, state.clone(), Timestamp::now());
+        let out = f(&mut tx)?;
+        let new_bytes = tx.new_bytes;
+        if new_bytes > 0 {
+            self.check_space(new_bytes)?;
+        }
+        let (batch, new_state, _ops) = tx.finish();
+        self.inner.backend.write(batch, sync)?;
+        *state = new_state;
+        drop(state);
+        if let Some(space) = &self.inner.space {
+            space.consumed(new_bytes);
+        }
+        Ok(out)
+    }
+
+    /// Makes every commit so far durable (syncs the write-ahead log).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.backend.sync()
+    }
+
+    /// A consistent point-in-time view for whole-store scans (fsck).
+    pub(crate) fn snapshot(&self) -> Box<dyn ReadView + '_> {
+        self.inner.backend.snapshot()
+    }
+}
+
+fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Result<()> {
+    if backend.get(Cf::Meta, key::META_FORMAT)?.is_some() {
+        return Err(StoreError::corrupt("store is already initialized"));
+    }
+    let now = Timestamp::now();
+    let root = NodeRecord {
+        id: NodeId::ROOT,
+        kind: FileKind::Dir,
+        perm: 0o755,
+        uid: owner.uid,
+        gid: owner.gid,
+        rdev: 0,
+        nlink: 2,
+        size: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        btime: now,
+        parent: ROOT_INO,
+        version: None,
+        target: None,
+    };
+    let stats = StatsRecord { nodes: 1, dirs: 1, ..StatsRecord::default() };
+    let namespace: [u8; 16] = crate::types::random_bytes();
+    let batch = vec![
+        (Cf::Meta, key::META_FORMAT.to_vec(), Some(FORMAT_VERSION.to_be_bytes().to_vec())),
+        (Cf::Meta, key::META_DEVICE.to_vec(), Some(device.0.to_vec())),
+        (Cf::Meta, key::META_NAMESPACE.to_vec(), Some(namespace.to_vec())),
+        (Cf::Meta, key::META_NEXT_INO.to_vec(), Some((ROOT_INO + 1).to_be_bytes().to_vec())),
+        (Cf::Meta, key::META_NEXT_SEQ.to_vec(), Some(1u64.to_be_bytes().to_vec())),
+        (Cf::Meta, key::META_HLC.to_vec(), Some(0u64.to_be_bytes().to_vec())),
+        (Cf::Meta, key::META_STATS.to_vec(), Some(records::encode(&stats))),
+        (Cf::Nodes, key::ino(ROOT_INO).to_vec(), Some(records::encode(&root))),
+        (Cf::Ids, key::node_id(NodeId::ROOT).to_vec(), Some(ROOT_INO.to_be_bytes().to_vec())),
+    ];
+    backend.write(batch, true)
+}

@@ -1,0 +1,340 @@
+//! A write transaction: reads that see its own writes, and one atomic batch at the end.
+//!
+//! Owns: the write overlay, the writer state (ino/seq counters, clock, statistics) as seen
+//! inside a transaction, op recording, and chunk reference counting.
+//! Must not: be held across an await or a network wait; transactions run under the store's
+//! writer lock, on a blocking thread, and are short.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use bytes::Bytes;
+
+use crate::chunk;
+use crate::error::{Result, StoreError};
+use crate::kv::{BatchOp, Cf, Kv, ReadView};
+use crate::records::{self, key, DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, RefRecord, StatsRecord};
+use crate::types::{ChunkId, DeviceId, Hlc, Ino, NodeId, OpId, Timestamp};
+
+/// Counters and clock owned by the single writer; persisted in `Cf::Meta` with every commit.
+#[derive(Clone, Debug)]
+pub(crate) struct WriterState {
+    pub(crate) device: DeviceId,
+    pub(crate) next_ino: Ino,
+    pub(crate) next_seq: u64,
+    pub(crate) hlc: Hlc,
+    pub(crate) stats: StatsRecord,
+}
+
+/// A chunk ready to be referenced: its id, plaintext, and (if it was new when prepared) its
+/// stored encoding.
+#[derive(Clone, Debug)]
+pub struct PreparedChunk {
+    /// BLAKE3 of `plain`.
+    pub id: ChunkId,
+    /// The plaintext.
+    pub plain: Bytes,
+    /// The stored encoding, computed ahead of the commit when the chunk looked new.
+    pub encoded: Option<Vec<u8>>,
+}
+
+impl PreparedChunk {
+    /// Hashes `plain`; encodes it too when `encode` is set.
+    pub fn new(plain: Bytes, encode: bool) -> PreparedChunk {
+        let id = ChunkId::of(&plain);
+        let encoded = encode.then(|| chunk::encode(&plain));
+        PreparedChunk { id, plain, encoded }
+    }
+}
+
+/// An open write transaction. Obtained from `Store::commit`.
+pub struct Txn<'a> {
+    view: &'a dyn ReadView,
+    overlay: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    pub(crate) state: WriterState,
+    now: Timestamp,
+    ops: Vec<OpRecord>,
+    pub(crate) new_bytes: u64,
+}
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn").field("writes", &self.overlay.len()).field("ops", &self.ops.len()).finish()
+    }
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, now: Timestamp) -> Txn<'a> {
+        Txn { view, overlay: BTreeMap::new(), state, now, ops: Vec::new(), new_bytes: 0 }
+    }
+
+    /// The wall-clock time this transaction runs at.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.state.device
+    }
+
+    // ---- raw access -------------------------------------------------------------------
+
+    pub(crate) fn get(&self, cf: Cf, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(&(cf, k.to_vec())) {
+            return Ok(v.clone());
+        }
+        self.view.get(cf, k)
+    }
+
+    pub(crate) fn put(&mut self, cf: Cf, k: &[u8], v: Vec<u8>) {
+        self.overlay.insert((cf, k.to_vec()), Some(v));
+    }
+
+    pub(crate) fn delete(&mut self, cf: Cf, k: &[u8]) {
+        self.overlay.insert((cf, k.to_vec()), None);
+    }
+
+    /// Up to `limit` pairs with keys in `[from, to)`, ascending, merging the overlay.
+    pub(crate) fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Kv>> {
+        let lo = (cf, from.to_vec());
+        let hi = (cf, to.to_vec());
+        let mut over = self
+            .overlay
+            .range((Bound::Included(&lo), Bound::Excluded(&hi)))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .peekable();
+        let mut base = self.view.scan_from(cf, from).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let base_key = match base.peek() {
+                Some(Ok((k, _))) if k.as_slice() < to => Some(k.clone()),
+                Some(Err(_)) => return Err(base.next().and_then(|r| r.err()).expect("peeked an error")),
+                _ => None,
+            };
+            let over_key = over.peek().map(|(k, _)| k.clone());
+            match (base_key, over_key) {
+                (None, None) => break,
+                (Some(b), Some(o)) if o <= b => {
+                    if o == b {
+                        base.next();
+                    }
+                    let (k, v) = over.next().expect("peeked");
+                    if let Some(v) = v {
+                        out.push((k, v));
+                    }
+                }
+                (Some(_), _) => {
+                    let (k, v) = base.next().expect("peeked")?;
+                    out.push((k, v));
+                }
+                (None, Some(_)) => {
+                    let (k, v) = over.next().expect("peeked");
+                    if let Some(v) = v {
+                        out.push((k, v));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last pair with a key in `[lo, at]`, merging the overlay.
+    pub(crate) fn last_at_or_before(&self, cf: Cf, lo: &[u8], at: &[u8]) -> Result<Option<Kv>> {
+        let lo_k = (cf, lo.to_vec());
+        let at_k = (cf, at.to_vec());
+        let mut over = self
+            .overlay
+            .range((Bound::Included(&lo_k), Bound::Included(&at_k)))
+            .rev()
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .peekable();
+        let mut base = self.view.scan_back(cf, at).peekable();
+        loop {
+            let base_key = match base.peek() {
+                Some(Ok((k, _))) if k.as_slice() >= lo => Some(k.clone()),
+                Some(Err(_)) => return Err(base.next().and_then(|r| r.err()).expect("peeked an error")),
+                _ => None,
+            };
+            let over_key = over.peek().map(|(k, _)| k.clone());
+            let (k, v) = match (base_key, over_key) {
+                (None, None) => return Ok(None),
+                (Some(b), Some(o)) if o >= b => {
+                    if o == b {
+                        base.next();
+                    }
+                    over.next().expect("peeked")
+                }
+                (Some(_), _) => {
+                    let (k, v) = base.next().expect("peeked")?;
+                    (k, Some(v))
+                }
+                (None, Some(_)) => over.next().expect("peeked"),
+            };
+            if let Some(v) = v {
+                return Ok(Some((k, v)));
+            }
+        }
+    }
+
+    // ---- typed access -----------------------------------------------------------------
+
+    /// The node with this ino, if any.
+    pub fn node(&self, ino: Ino) -> Result<Option<NodeRecord>> {
+        self.get(Cf::Nodes, &key::ino(ino))?.map(|b| records::decode("node", &b)).transpose()
+    }
+
+    /// The node with this ino, or `NotFound`.
+    pub fn node_req(&self, ino: Ino) -> Result<NodeRecord> {
+        self.node(ino)?.ok_or_else(|| StoreError::NotFound(format!("inode {ino}")))
+    }
+
+    pub(crate) fn put_node(&mut self, ino: Ino, node: &NodeRecord) {
+        self.put(Cf::Nodes, &key::ino(ino), records::encode(node));
+    }
+
+    /// The entry `name` in directory `parent`, if any.
+    pub fn dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentRecord>> {
+        self.get(Cf::Dirents, &key::dirent(parent, name))?.map(|b| records::decode("dirent", &b)).transpose()
+    }
+
+    pub(crate) fn put_dirent(&mut self, parent: Ino, name: &[u8], d: DirentRecord) {
+        self.put(Cf::Dirents, &key::dirent(parent, name), records::encode(&d));
+    }
+
+    pub(crate) fn delete_dirent(&mut self, parent: Ino, name: &[u8]) {
+        self.delete(Cf::Dirents, &key::dirent(parent, name));
+    }
+
+    /// Records an op made on this device now; returns its id.
+    pub(crate) fn record(&mut self, kind: OpKind) -> OpId {
+        let id = OpId { device: self.state.device, seq: self.state.next_seq };
+        self.state.next_seq += 1;
+        self.state.hlc = self.state.hlc.tick(self.now.millis());
+        let rec = OpRecord { id, hlc: self.state.hlc, kind };
+        self.put(Cf::Oplog, &key::op(id.device, id.seq), records::encode(&rec));
+        self.ops.push(rec);
+        id
+    }
+
+    /// Allocates a fresh local inode number.
+    pub(crate) fn alloc_ino(&mut self) -> Ino {
+        let ino = self.state.next_ino;
+        self.state.next_ino += 1;
+        ino
+    }
+
+    pub(crate) fn map_id(&mut self, id: NodeId, ino: Ino) {
+        self.put(Cf::Ids, &key::node_id(id), ino.to_be_bytes().to_vec());
+    }
+
+    // ---- chunk references -------------------------------------------------------------
+
+    pub(crate) fn refs(&self, id: &ChunkId) -> Result<Option<RefRecord>> {
+        self.get(Cf::Refs, &id.0)?.map(|b| records::decode("chunk ref", &b)).transpose()
+    }
+
+    /// Adds one reference to a chunk, storing its data if this is the first.
+    pub(crate) fn incref(&mut self, c: &PreparedChunk) -> Result<()> {
+        let len = u32::try_from(c.plain.len()).map_err(|_| StoreError::Invalid("chunk too large".into()))?;
+        let rec = match self.refs(&c.id)? {
+            Some(mut r) => {
+                r.count += 1;
+                r
+            }
+            None => {
+                let encoded = match &c.encoded {
+                    Some(e) => e.clone(),
+                    None => chunk::encode(&c.plain),
+                };
+                let stored = encoded.len() as u32;
+                self.new_bytes += u64::from(stored);
+                self.put(Cf::Chunks, &c.id.0, encoded);
+                self.state.stats.chunks += 1;
+                self.state.stats.chunk_bytes += u64::from(len);
+                self.state.stats.stored_bytes += u64::from(stored);
+                RefRecord { count: 1, len, stored }
+            }
+        };
+        self.put(Cf::Refs, &c.id.0, records::encode(&rec));
+        Ok(())
+    }
+
+    /// Adds one reference to a chunk that must already be stored.
+    pub(crate) fn incref_existing(&mut self, id: &ChunkId) -> Result<()> {
+        let mut r = self.refs(id)?.ok_or_else(|| StoreError::corrupt(format!("chunk {} has no refs", id.fmt_short())))?;
+        r.count += 1;
+        self.put(Cf::Refs, &id.0, records::encode(&r));
+        Ok(())
+    }
+
+    /// Drops one reference; the chunk is deleted with its last reference.
+    pub(crate) fn decref(&mut self, id: &ChunkId) -> Result<()> {
+        let Some(mut r) = self.refs(id)? else {
+            return Err(StoreError::corrupt(format!("chunk {} is referenced but has no refs entry", id.fmt_short())));
+        };
+        r.count = r.count.saturating_sub(1);
+        if r.count == 0 {
+            self.delete(Cf::Refs, &id.0);
+            self.delete(Cf::Chunks, &id.0);
+            let s = &mut self.state.stats;
+            s.chunks = s.chunks.saturating_sub(1);
+            s.chunk_bytes = s.chunk_bytes.saturating_sub(u64::from(r.len));
+            s.stored_bytes = s.stored_bytes.saturating_sub(u64::from(r.stored));
+        } else {
+            self.put(Cf::Refs, &id.0, records::encode(&r));
+        }
+        Ok(())
+    }
+
+    /// Reads a chunk's plaintext (for re-chunking the edges of an edit).
+    pub(crate) fn chunk_plain(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>> {
+        let stored = self.get(Cf::Chunks, &id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
+        chunk::decode(&stored, len as usize)
+    }
+
+    // ---- extents ----------------------------------------------------------------------
+
+    /// Extents of `ino` overlapping `[start, end)`, in order, as (offset, extent).
+    pub fn extents(&self, ino: Ino, start: u64, end: u64) -> Result<Vec<(u64, ExtentRecord)>> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        if let Some((k, v)) = self.last_at_or_before(Cf::Extents, &key::extent(ino, 0), &key::extent(ino, start))? {
+            let (_, off) = key::extent_offset(&k)?;
+            let e: ExtentRecord = records::decode("extent", &v)?;
+            if off < start && off + u64::from(e.len) > start {
+                out.push((off, e));
+            }
+        }
+        for (k, v) in self.scan(Cf::Extents, &key::extent(ino, start), &key::extent(ino, end), usize::MAX)? {
+            let (_, off) = key::extent_offset(&k)?;
+            out.push((off, records::decode("extent", &v)?));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn put_extent(&mut self, ino: Ino, off: u64, e: ExtentRecord) {
+        self.state.stats.referenced_bytes += u64::from(e.len);
+        self.put(Cf::Extents, &key::extent(ino, off), records::encode(&e));
+    }
+
+    pub(crate) fn delete_extent(&mut self, ino: Ino, off: u64, e: &ExtentRecord) -> Result<()> {
+        self.state.stats.referenced_bytes = self.state.stats.referenced_bytes.saturating_sub(u64::from(e.len));
+        self.delete(Cf::Extents, &key::extent(ino, off));
+        self.decref(&e.chunk)
+    }
+
+    // ---- finishing --------------------------------------------------------------------
+
+    pub(crate) fn finish(mut self) -> (Vec<BatchOp>, WriterState, Vec<OpRecord>) {
+        let st = self.state.clone();
+        self.put(Cf::Meta, key::META_NEXT_INO, st.next_ino.to_be_bytes().to_vec());
+        self.put(Cf::Meta, key::META_NEXT_SEQ, st.next_seq.to_be_bytes().to_vec());
+        self.put(Cf::Meta, key::META_HLC, st.hlc.0.to_be_bytes().to_vec());
+        self.put(Cf::Meta, key::META_STATS, records::encode(&st.stats));
+        let batch = self.overlay.into_iter().map(|((cf, k), v)| (cf, k, v)).collect();
+        (batch, st, self.ops)
+    }
+}

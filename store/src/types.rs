@@ -1,0 +1,298 @@
+//! Identifiers and small value types shared by every pvfs crate.
+//!
+//! Owns: `ChunkId`, `NodeId`, `DeviceId`, `Ino`, `OpId`, `Hlc`, `Timestamp`, `FileKind`.
+//! Must not: know about RocksDB, FUSE or the network.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The BLAKE3 hash of a chunk's plaintext: its global, content-derived id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// Hashes `data` with BLAKE3.
+    pub fn of(data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(data).as_bytes())
+    }
+
+    /// The first 8 bytes in hex, for logs.
+    pub fn fmt_short(&self) -> String {
+        hex(&self.0[..8])
+    }
+
+    /// The full id in hex.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.fmt_short())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A global, device-independent id of a filesystem object (file, directory, symlink, ...).
+///
+/// FUSE inode numbers are a per-device map onto these (`Ino`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u128);
+
+impl NodeId {
+    /// The root directory of every namespace.
+    pub const ROOT: NodeId = NodeId(1);
+
+    /// A fresh random id.
+    pub fn random() -> NodeId {
+        loop {
+            let id = u128::from_le_bytes(random_bytes());
+            // Small values are reserved for well-known nodes.
+            if id > 0xffff {
+                return NodeId(id);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// The id of a device: derived from its public key by the identity code in `tools`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl DeviceId {
+    /// The device id belonging to an Ed25519 public key: the first 16 bytes of its BLAKE3 hash.
+    pub fn from_public_key(key: &[u8]) -> DeviceId {
+        let hash = blake3::hash(key);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hash.as_bytes()[..16]);
+        DeviceId(id)
+    }
+
+    /// The first 4 bytes in hex, for logs and conflict names.
+    pub fn fmt_short(&self) -> String {
+        hex(&self.0[..4])
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({})", hex(&self.0))
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+/// A local inode number: stable for the life of a node on this device, never reused.
+pub type Ino = u64;
+
+/// The inode number of the root directory.
+pub const ROOT_INO: Ino = 1;
+
+/// A hybrid logical clock value: milliseconds since the Unix epoch in the high 48 bits,
+/// a logical counter in the low 16 bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Hlc(pub u64);
+
+impl Hlc {
+    /// The clock value following `self`, given the wall clock `now_ms`.
+    pub fn tick(self, now_ms: u64) -> Hlc {
+        let wall = now_ms << 16;
+        if wall > self.0 {
+            Hlc(wall)
+        } else {
+            Hlc(self.0 + 1)
+        }
+    }
+
+    /// The physical part, in milliseconds since the Unix epoch.
+    pub fn millis(self) -> u64 {
+        self.0 >> 16
+    }
+}
+
+/// The id of an op: its device and its place in that device's gap-free sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OpId {
+    /// The device that made the change.
+    pub device: DeviceId,
+    /// Its sequence number on that device, starting at 1.
+    pub seq: u64,
+}
+
+/// A point in time with nanosecond precision; seconds may be negative (before 1970).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub sec: i64,
+    /// Nanoseconds, 0..1e9.
+    pub nsec: u32,
+}
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Timestamp {
+        Timestamp::from(std::time::SystemTime::now())
+    }
+
+    /// Milliseconds since the epoch, saturating at 0 for times before it.
+    pub fn millis(self) -> u64 {
+        if self.sec < 0 {
+            0
+        } else {
+            (self.sec as u64) * 1000 + u64::from(self.nsec) / 1_000_000
+        }
+    }
+}
+
+impl From<std::time::SystemTime> for Timestamp {
+    fn from(t: std::time::SystemTime) -> Timestamp {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timestamp { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos();
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timestamp { sec, nsec }
+            }
+        }
+    }
+}
+
+impl From<Timestamp> for std::time::SystemTime {
+    fn from(t: Timestamp) -> std::time::SystemTime {
+        let base = std::time::UNIX_EPOCH;
+        if t.sec >= 0 {
+            base + std::time::Duration::new(t.sec as u64, t.nsec)
+        } else {
+            base - std::time::Duration::from_secs(t.sec.unsigned_abs())
+                + std::time::Duration::from_nanos(u64::from(t.nsec))
+        }
+    }
+}
+
+/// What kind of object a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    /// A regular file with content.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; its target is stored with the node.
+    Symlink,
+    /// A named pipe (the kernel implements it; pvfs stores the name and attributes).
+    Fifo,
+    /// A Unix socket name.
+    Socket,
+    /// A character device node (never opened through pvfs: the mount is `nodev`).
+    CharDevice,
+    /// A block device node (never opened through pvfs: the mount is `nodev`).
+    BlockDevice,
+}
+
+impl FileKind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::File => libc::S_IFREG,
+            FileKind::Dir => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`, if any.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Some(FileKind::File),
+            libc::S_IFDIR => Some(FileKind::Dir),
+            libc::S_IFLNK => Some(FileKind::Symlink),
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDevice),
+            libc::S_IFBLK => Some(FileKind::BlockDevice),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    if getrandom::fill(&mut buf).is_err() {
+        // No kernel entropy source at all: hash time, pid and a counter, unique per process.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let seed = format!("{t}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut buf);
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_roundtrips_before_epoch() {
+        let t = Timestamp { sec: -5, nsec: 250 };
+        let st: std::time::SystemTime = t.into();
+        assert_eq!(Timestamp::from(st), t);
+    }
+
+    #[test]
+    fn hlc_is_monotonic() {
+        let a = Hlc::default().tick(100);
+        let b = a.tick(100);
+        let c = b.tick(50);
+        assert!(a < b && b < c);
+        assert_eq!(a.millis(), 100);
+    }
+
+    #[test]
+    fn node_ids_differ() {
+        assert_ne!(NodeId::random(), NodeId::random());
+    }
+}

@@ -1,0 +1,225 @@
+//! Harness for integration tests: daemons as real processes with real FUSE mounts.
+//!
+//! Every mount lives under its own temporary directory and is always unmounted, also when a
+//! test fails (`fusermount3 -u -z` on drop). Binaries come from the workspace target
+//! directory (`cargo build --release --bins` first; the README test command does).
+
+#![warn(missing_docs, missing_debug_implementations)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where `pvfs` and `pvfs-admin` are: `$PVFS_BIN_DIR`, else next to the test binary.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("PVFS_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir layout");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not found: run `cargo build --release --bins` first", p.display());
+    p
+}
+
+/// The shared fixtures directory (`../shared` beside the repository), or `$PVFS_SHARED`.
+pub fn shared() -> PathBuf {
+    let p = std::env::var_os("PVFS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    assert!(p.join("fstests").is_dir(), "shared fixtures not found at {} (set PVFS_SHARED)", p.display());
+    p
+}
+
+/// True if this process runs as root (needed for allow_other mounts by other uids, tmpfs,
+/// network namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn mounted(mountpoint: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4) == Some(&want.as_str()) && l.contains(" - fuse")
+    })
+}
+
+/// Lazily unmounts `mountpoint` (ignores errors: it may not be mounted).
+pub fn force_unmount(mountpoint: &Path) {
+    let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).stderr(Stdio::null()).status();
+}
+
+/// A pvfs daemon serving a mount, as a child process.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// The data directory.
+    pub data: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `pvfs mount MNT --data DATA` and waits until the mount is live.
+    pub fn start(data: &Path, mnt: &Path) -> Daemon {
+        Daemon::try_start(data, mnt, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start`, with extra arguments; returns the daemon's output if it fails.
+    pub fn try_start(data: &Path, mnt: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        std::fs::create_dir_all(mnt).expect("create mount point");
+        let log = data.with_extension("log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = Command::new(bin("pvfs"))
+            .arg("mount")
+            .arg(mnt)
+            .arg("--data")
+            .arg(data)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("spawn pvfs");
+        let mut d = Daemon { child: Some(child), mnt: mnt.to_path_buf(), data: data.to_path_buf(), log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if mounted(mnt) {
+                return Ok(d);
+            }
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                d.child = None;
+                return Err(format!("pvfs exited with {status} before mounting:\n{}", d.log_text()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("pvfs did not mount within 60 s:\n{}", d.log_text()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns whether it exited with status 0.
+    pub fn stop(mut self) -> bool {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            force_unmount(&self.mnt);
+            return false;
+        };
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ok = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status.success(),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
+            }
+        };
+        force_unmount(&self.mnt);
+        ok
+    }
+
+    /// Kills the daemon with SIGKILL (a crash), then lazily unmounts the dead mount.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        force_unmount(&self.mnt);
+    }
+
+    /// Runs `pvfs-admin --data DATA ARGS...`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        admin(&self.data, args)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_inner();
+        }
+        force_unmount(&self.mnt);
+    }
+}
+
+/// Runs `pvfs-admin --data DATA ARGS...`.
+pub fn admin(data: &Path, args: &[&str]) -> Output {
+    Command::new(bin("pvfs-admin")).arg("--data").arg(data).args(args).output().expect("run pvfs-admin")
+}
+
+/// Runs `pvfs-admin --json ... fsck` and panics with the report unless it is clean.
+pub fn assert_fsck_clean(data: &Path) {
+    let out = admin(data, &["--json", "fsck"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fsck failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("fsck json");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "fsck problems: {text}");
+}
+
+/// `pvfs-admin --json stats` as JSON.
+pub fn stats(data: &Path) -> serde_json::Value {
+    let out = admin(data, &["--json", "stats"]);
+    assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stats json")
+}
+
+/// A temporary directory with `data/` and `mnt/` for one daemon.
+#[derive(Debug)]
+pub struct Scratch {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// A new scratch directory under `$TMPDIR`.
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new().prefix("pvfs-test.").tempdir().expect("tempdir");
+        // Other users (pjdfstest's uid switches) must be able to reach the mount point.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Scratch { dir }
+    }
+    /// The data directory path.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    /// The mount point path.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}

@@ -1,0 +1,287 @@
+//! The daemon: first-run initialization, mounting, signals, running in the background.
+//!
+//! Owns: the order of startup (config, identity, store, filesystem, control socket, mount,
+//! readiness) and shutdown (SIGINT/SIGTERM unmount; buffers are committed; the socket goes).
+//! Must not: touch the mount point through the filesystem it serves (no stat of paths below
+//! it from the daemon), or put the data directory inside the mount point.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use pvfs_fs::fuse::{Mount, MountOptions};
+use pvfs_fs::{Fs, FsOptions};
+use pvfs_store::{RootOwner, Store, StoreOptions};
+
+use crate::admin::Node;
+use crate::config::{home, Config, DataDir};
+use crate::identity::Identity;
+
+/// Environment variable through which a backgrounded daemon reports readiness.
+const READY_FD_ENV: &str = "PVFS_READY_FD";
+
+/// `pvfs mount` arguments.
+#[derive(Clone, Debug, Default)]
+pub struct MountArgs {
+    /// Mount point (default `~/Pervasive`).
+    pub mountpoint: Option<PathBuf>,
+    /// Data directory.
+    pub data: Option<PathBuf>,
+    /// Return once mounted, leaving the daemon running.
+    pub background: bool,
+    /// FUSE threads (overrides the config).
+    pub fuse_threads: Option<usize>,
+}
+
+fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        chunk_cache_bytes: config.store.chunk_cache_mb << 20,
+        reserve_bytes: config.store.reserve_mb << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn make_data_dir(data: &DataDir) -> anyhow::Result<()> {
+    let root = data.root();
+    if root.exists() && !root.is_dir() {
+        anyhow::bail!("data directory {} is not a directory", root.display());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("creating data directory {}", root.display()))
+}
+
+/// The device name: from the config, else the host name.
+pub fn device_name(config: &Config) -> String {
+    config.name.clone().unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned())
+}
+
+/// `pvfs init`: a new device identity and a new namespace in `data`.
+pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
+    make_data_dir(data)?;
+    if Store::exists(data.root()) {
+        anyhow::bail!("{} already holds a pvfs store", data.root().display());
+    }
+    if let Some(name) = name {
+        let path = data.config();
+        anyhow::ensure!(!path.exists(), "{} exists; set `name` there instead", path.display());
+        let text = format!("name = {}\n", toml::Value::String(name.to_string()));
+        Config::parse(&text, &path)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let config = Config::load(data)?;
+    let identity = if data.identity().exists() {
+        Identity::load(&data.identity())?
+    } else {
+        let id = Identity::generate()?;
+        id.save(&data.identity())?;
+        id
+    };
+    let owner = RootOwner { uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
+    let store = Store::create(data.root(), &store_options(&config), identity.device_id(), owner)
+        .with_context(|| format!("creating the store in {}", data.root().display()))?;
+    tracing::info!(device = %store.device(), name = %device_name(&config), "created a new device and namespace");
+    Ok(store)
+}
+
+fn open_store(data: &DataDir, config: &Config) -> anyhow::Result<Store> {
+    if !Store::exists(data.root()) {
+        return init(data, None);
+    }
+    let identity = Identity::load(&data.identity())?;
+    let store = Store::open(data.root(), &store_options(config))?;
+    anyhow::ensure!(
+        store.device() == identity.device_id(),
+        "{}: the store belongs to device {} but the key to {}",
+        data.root().display(),
+        store.device(),
+        identity.device_id()
+    );
+    Ok(store)
+}
+
+fn mounted_fstype(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.to_str()?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        if fields.get(4).map(|p| p.replace("\\040", " ")) == Some(want.to_string()) {
+            found = fields.get(sep + 1).map(|s| s.to_string());
+        }
+    }
+    found
+}
+
+/// Makes `mountpoint` usable: creates it, and cleans a mount left dead by a crashed daemon.
+fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => {
+            if mounted_fstype(mountpoint).is_some_and(|t| t.starts_with("fuse")) {
+                anyhow::bail!("{} is already a mounted FUSE filesystem (is pvfs running?)", mountpoint.display());
+            }
+            Ok(())
+        }
+        Ok(_) => anyhow::bail!("mount point {} is not a directory", mountpoint.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "cleaning a dead mount left by a previous run");
+            let lazy = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
+            if !lazy.is_ok_and(|s| s.success()) {
+                rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+                    .with_context(|| format!("unmounting the dead mount at {}", mountpoint.display()))?;
+            }
+            anyhow::ensure!(
+                std::fs::metadata(mountpoint).is_ok_and(|m| m.is_dir()),
+                "{} is still unusable after unmounting",
+                mountpoint.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(mountpoint).with_context(|| format!("creating mount point {}", mountpoint.display()))
+        }
+        Err(e) => Err(anyhow::anyhow!("mount point {}: {e}", mountpoint.display())),
+    }
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() { p } else { std::env::current_dir()?.join(p) })
+}
+
+/// Reports readiness (or the startup error) to a parent waiting in `--background`.
+struct Ready(Option<std::fs::File>);
+
+impl Ready {
+    fn from_env() -> Ready {
+        let fd = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
+        std::env::remove_var(READY_FD_ENV);
+        // SAFETY: the parent passed us the write end of a pipe under this number and nothing
+        // else in this process owns it.
+        Ready(fd.filter(|&fd| fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = writeln!(f, "{msg}");
+        }
+    }
+}
+
+/// `pvfs mount`: serves the filesystem until unmounted or signalled.
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let mut ready = Ready::from_env();
+    let res = mount_inner(args, &mut ready);
+    if let Err(e) = &res {
+        ready.send(&format!("error: {e:#}"));
+    }
+    res
+}
+
+fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
+    let data = DataDir::resolve(args.data.clone())?;
+    if args.background {
+        return spawn_background(&data);
+    }
+    let config = Config::load(&data)?;
+    let mountpoint = absolute(args.mountpoint.clone().map_or_else(|| home().map(|h| h.join("Pervasive")), Ok)?)?;
+    anyhow::ensure!(
+        !data.root().starts_with(&mountpoint) && !mountpoint.starts_with(data.root()),
+        "the data directory and the mount point must not contain each other"
+    );
+    make_data_dir(&data)?;
+    prepare_mountpoint(&mountpoint)?;
+    let store = open_store(&data, &config)?;
+    let fs_opts = FsOptions {
+        commit_threshold: (config.store.commit_threshold_mb << 20) as usize,
+        dirty_limit: (config.store.commit_threshold_mb << 22) as usize,
+    };
+    let fs = Arc::new(Fs::new(store.clone(), fs_opts)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pvfs-rt")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let node = Arc::new(Node { store: store.clone(), name: device_name(&config), mountpoint: mountpoint.clone(), started: Instant::now() });
+    let socket = data.socket();
+    {
+        let socket = socket.clone();
+        runtime.spawn(async move {
+            if let Err(e) = crate::control::serve(&socket, node).await {
+                tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    let threads = args.fuse_threads.unwrap_or(config.fuse.threads).clamp(1, 64);
+    let mut mount = Mount::new(fs.clone(), &mountpoint, &MountOptions { threads, allow_other: config.fuse.allow_other })
+        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mut unmounter = mount.unmounter();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let signal_handle = signals.handle();
+    let signal_thread = std::thread::Builder::new().name("pvfs-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(sig, "signal received: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmount failed: {e:#}");
+            }
+        }
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), device = %store.device(), data = %data.root().display(), "mounted");
+    ready.send("ready");
+    let res = mount.run().context("serving the filesystem");
+    signal_handle.close();
+    let _ = signal_thread.join();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = std::fs::remove_file(&socket);
+    fs.flush_all().context("committing buffered writes at unmount")?;
+    tracing::info!("unmounted");
+    res
+}
+
+/// Starts the daemon as a detached child and waits until it has mounted (or failed).
+fn spawn_background(data: &DataDir) -> anyhow::Result<()> {
+    make_data_dir(data)?;
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    rustix::io::fcntl_setfd(&wr, rustix::io::FdFlags::empty())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.log())
+        .with_context(|| format!("opening {}", data.log().display()))?;
+    let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "--background").collect();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .env(READY_FD_ENV, wr.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = rustix::process::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    drop(wr);
+    let mut msg = String::new();
+    std::fs::File::from(rd).read_to_string(&mut msg)?;
+    let msg = msg.trim();
+    if msg == "ready" {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    match msg.strip_prefix("error: ") {
+        Some(e) => anyhow::bail!("{e}"),
+        None => anyhow::bail!("the daemon exited ({status}) before mounting; see {}", data.log().display()),
+    }
+}

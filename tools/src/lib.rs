@@ -1,0 +1,21 @@
+//! pvfs-tools: the `pvfs` daemon and the `pvfs-admin` client.
+//!
+//! The binaries in `bin/` only parse arguments; the work is here: `config` (the TOML config
+//! and the data directory layout), `identity` (the device key), `daemon` (init, mount,
+//! signals, backgrounding), `control` (the admin protocol over the data directory's Unix
+//! socket) and `admin` (what each admin command does and prints).
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod identity;
+
+/// Sets up logging to stderr; `RUST_LOG` chooses what is shown (default: info).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -289,7 +289,7 @@ fn small_buffers() -> FsOptions {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn fs_core_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..40)) {

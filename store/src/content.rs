@@ -49,12 +49,14 @@ impl<'a> Txn<'a> {
     fn zero_range(&mut self, ino: Ino, a: u64, b: u64) -> Result<Vec<(u64, ChunkId, u32)>> {
         let mut created = Vec::new();
         for (off, e) in self.extents(ino, a, b)? {
-            self.delete_extent(ino, off, &e)?;
             let end = off + u64::from(e.len);
             if off >= a && end <= b {
+                self.delete_extent(ino, off, &e)?;
                 continue;
             }
+            // Read the edge chunk before its reference goes: that may delete it.
             let plain = self.chunk_plain(&e.chunk, e.len)?;
+            self.delete_extent(ino, off, &e)?;
             if off < a {
                 let piece = &plain[..(a - off) as usize];
                 created.extend(self.put_piece(ino, off, piece)?);

@@ -384,6 +384,10 @@ impl<'a> Txn<'a> {
             });
             return Ok(());
         }
+        // Like Linux: moving a directory below itself is EINVAL before anything else.
+        if src_is_dir && self.is_within(dp, src.ino)? {
+            return Err(StoreError::Invalid("a directory cannot move below itself".into()));
+        }
         let mut replaced = None;
         if let Some(dst) = dst {
             if flags.noreplace {
@@ -400,9 +404,6 @@ impl<'a> Txn<'a> {
                 _ => {}
             }
             replaced = Some(dst);
-        }
-        if src_is_dir && self.is_within(dp, src.ino)? {
-            return Err(StoreError::Invalid("a directory cannot move below itself".into()));
         }
         let other = match replaced {
             Some(d) => Some(self.node_id(d.ino)?),

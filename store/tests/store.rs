@@ -90,10 +90,17 @@ fn tree_operations_follow_posix() {
         // NOREPLACE.
         let e = err(s.commit(false, |tx| tx.rename(ROOT_INO, b"c", a, b"g", RenameFlags { noreplace: true, ..Default::default() }, &|_| false)));
         assert!(e.contains("AlreadyExists"), "{e}");
-        // Replace a file: the old one loses a name.
+        // Both names are the same node: rename does nothing.
         s.commit(false, |tx| tx.rename(ROOT_INO, b"c", a, b"g", RenameFlags::default(), &|_| false)).unwrap();
-        assert_eq!(s.node(f).unwrap().unwrap().nlink, 1);
+        assert_eq!(s.node(f).unwrap().unwrap().nlink, 2);
+        assert!(s.lookup(ROOT_INO, b"c").unwrap().is_some());
+        // Replace another file: it goes with its only name.
+        let h = mk(s, ROOT_INO, "h", FileKind::File);
+        s.commit(false, |tx| tx.rename(ROOT_INO, b"c", ROOT_INO, b"h", RenameFlags::default(), &|_| false)).unwrap();
+        assert!(s.node(h).unwrap().is_none());
         s.commit(false, |tx| tx.unlink(a, b"g", &|_| false)).unwrap();
+        assert_eq!(s.node(f).unwrap().unwrap().nlink, 1);
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"h", &|_| false)).unwrap();
         assert!(s.node(f).unwrap().is_none());
         s.commit(false, |tx| tx.rmdir(b, b"f")).unwrap();
         s.commit(false, |tx| tx.rmdir(a, b"b")).unwrap();

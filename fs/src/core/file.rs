@@ -472,11 +472,11 @@ mod tests {
         assert_eq!(insert(&mut r, 11, b"XY"), 0);
         assert_eq!(flat(&r), vec![(10, b"aXYde".to_vec())]);
         assert_eq!(insert(&mut r, 0, b"12"), 2);
-        assert_eq!(insert(&mut r, 2, b"34567890"), 5);
-        assert_eq!(flat(&r), vec![(0, b"1234567890XYde".to_vec())]);
+        assert_eq!(insert(&mut r, 2, b"34567890"), 8);
+        assert_eq!(flat(&r), vec![(0, b"1234567890aXYde".to_vec())]);
         assert_eq!(insert(&mut r, 20, b"z"), 1);
-        assert_eq!(insert(&mut r, 13, b"________"), 6);
-        assert_eq!(flat(&r), vec![(0, b"1234567890XYd________".to_vec())]);
+        assert_eq!(insert(&mut r, 13, b"________"), 5);
+        assert_eq!(flat(&r), vec![(0, b"1234567890aXY________".to_vec())]);
     }
 
     #[test]
@@ -503,6 +503,6 @@ mod tests {
         insert(&mut r, 6, b"cd");
         let mut out = vec![b'.'; 6];
         copy_out(&r, 1, &mut out);
-        assert_eq!(&out, b".ab.cd");
+        assert_eq!(&out, b".ab..c");
     }
 }

@@ -14,6 +14,9 @@ use crate::error::{Result, StoreResultExt};
 impl Fs {
     /// Looks `name` up in `parent` and counts a kernel reference to the result.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if name.len() > pvfs_store::NAME_MAX {
+            return Err(fs_err!(ENAMETOOLONG, "name of {} bytes", name.len()));
+        }
         let d = self
             .store
             .lookup(parent, name)

@@ -36,6 +36,8 @@ pub struct FsckReport {
     pub ops: u64,
     /// Open-but-unlinked nodes (normal while the daemon runs; purged at the next start).
     pub orphans: u64,
+    /// Chunks staged for a commit in progress (normal while the daemon runs).
+    pub staged: u64,
     /// Every violated invariant, one line each (at most 1000).
     pub problems: Vec<String>,
 }
@@ -256,6 +258,17 @@ impl Store {
                 r.problem(format!("chunk {} is referenced but has no refs entry", id.fmt_short()));
             }
         }
+        let mut staged: HashSet<ChunkId> = HashSet::new();
+        for item in all(view, Cf::Pending) {
+            let (k, _) = item?;
+            match k.get(..32).and_then(|b| b.try_into().ok()) {
+                Some(id) => {
+                    staged.insert(ChunkId(id));
+                }
+                None => r.problem("pending marker key of the wrong length".into()),
+            }
+        }
+        r.staged = staged.len() as u64;
         let mut data_seen = 0u64;
         for item in all(view, Cf::Chunks) {
             let (k, v) = item?;
@@ -265,7 +278,10 @@ impl Store {
                 continue;
             };
             let Some(rec) = refs.get(&id) else {
-                r.problem(format!("chunk {} is stored but unreferenced (garbage)", id.fmt_short()));
+                if !staged.contains(&id) {
+                    r.problem(format!("chunk {} is stored but unreferenced (garbage)", id.fmt_short()));
+                }
+                data_seen -= 1;
                 continue;
             };
             if v.len() != rec.stored as usize {

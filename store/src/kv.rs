@@ -33,10 +33,12 @@ pub(crate) enum Cf {
     Orphans,
     /// (ino, name) -> extended attribute value.
     Xattrs,
+    /// (chunk id, token) -> () for chunks staged ahead of the commit that references them.
+    Pending,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 10] = [
+    pub(crate) const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Nodes,
         Cf::Ids,
@@ -47,6 +49,7 @@ impl Cf {
         Cf::Oplog,
         Cf::Orphans,
         Cf::Xattrs,
+        Cf::Pending,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -61,6 +64,7 @@ impl Cf {
             Cf::Oplog => "oplog",
             Cf::Orphans => "orphans",
             Cf::Xattrs => "xattrs",
+            Cf::Pending => "pending",
         }
     }
 }
@@ -90,8 +94,14 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()>;
     /// Makes every write that returned so far durable.
     fn sync(&self) -> Result<()>;
+    /// Writes chunk data without the write-ahead log and makes it durable by flushing the
+    /// chunks column family: large data reaches the disk once, in blob files.
+    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>;
     /// A point-in-time view.
     fn snapshot(&self) -> Box<dyn ReadView + '_>;
+    /// Returns the disk space of deleted data to the filesystem (flush, compact, rewrite
+    /// blob files that hold dead chunks). Slow; runs rarely, off the request path.
+    fn reclaim(&self) -> Result<()>;
 }
 
 /// Ascending scan restricted to keys starting with `prefix`.

@@ -276,6 +276,13 @@ pub(crate) mod key {
         dirent(ino, name)
     }
 
+    pub(crate) fn pending(id: &ChunkId, token: u64) -> [u8; 40] {
+        let mut k = [0u8; 40];
+        k[..32].copy_from_slice(&id.0);
+        k[32..].copy_from_slice(&token.to_be_bytes());
+        k
+    }
+
     pub(crate) fn op(device: DeviceId, seq: u64) -> [u8; 24] {
         let mut k = [0u8; 24];
         k[..16].copy_from_slice(&device.0);

@@ -109,8 +109,15 @@ impl SpaceGuard {
     }
 }
 
+/// Freed chunk bytes after which a background `reclaim` returns their space.
+const RECLAIM_AT: u64 = 256 << 20;
+
 struct Inner {
     backend: Box<dyn Backend>,
+    /// Bytes of deleted chunks whose disk space RocksDB still holds.
+    reclaimable: AtomicU64,
+    reclaiming: std::sync::atomic::AtomicBool,
+    reclaim_lock: Mutex<()>,
     writer: Mutex<WriterState>,
     device: DeviceId,
     namespace: [u8; 16],
@@ -198,6 +205,7 @@ impl Store {
             hlc: Hlc(meta_u64(&*backend, key::META_HLC)?),
             stats,
         };
+        clean_staged(&*backend)?;
         let cache_items = (opts.chunk_cache_bytes / chunk::AVG_CHUNK as u64).max(16) as usize;
         let space = dir.map(|d| SpaceGuard {
             path: d.to_path_buf(),
@@ -208,6 +216,9 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 backend,
+                reclaimable: AtomicU64::new(0),
+                reclaiming: std::sync::atomic::AtomicBool::new(false),
+                reclaim_lock: Mutex::new(()),
                 writer: Mutex::new(state),
                 device,
                 namespace,
@@ -321,6 +332,55 @@ impl Store {
         Ok(c)
     }
 
+    /// Stores the data of new chunks durably ahead of the commit that will reference them,
+    /// so that large writes reach the disk once (in blob files) instead of twice (WAL, then
+    /// blob files). Each staged chunk gets a pending marker (through the WAL, synced) that
+    /// keeps its data alive until a commit references it or `unstage` drops it; markers left
+    /// by a crash are cleaned when the store is opened.
+    pub fn stage<'a>(&self, chunks: impl IntoIterator<Item = &'a mut PreparedChunk>) -> Result<()> {
+        let mut chunks: Vec<&mut PreparedChunk> = chunks.into_iter().collect();
+        let token = u64::from_le_bytes(crate::types::random_bytes());
+        let mut markers = Vec::new();
+        let mut data = Vec::new();
+        for c in chunks.iter().filter(|c| c.staged.is_none()) {
+            if let Some(e) = &c.encoded {
+                markers.push((Cf::Pending, key::pending(&c.id, token).to_vec(), Some(Vec::new())));
+                data.push((c.id.0.to_vec(), e.clone()));
+            }
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bytes: u64 = data.iter().map(|(_, v)| v.len() as u64).sum();
+        self.check_space(bytes)?;
+        self.inner.backend.write(markers, true)?;
+        self.inner.backend.write_chunks_durably(data)?;
+        if let Some(space) = &self.inner.space {
+            space.consumed(bytes);
+        }
+        for c in chunks.iter_mut().filter(|c| c.staged.is_none() && c.encoded.is_some()) {
+            c.staged = Some(token);
+        }
+        Ok(())
+    }
+
+    /// Drops the pending markers of staged chunks whose commit failed, and their data if
+    /// nothing references it.
+    pub fn unstage<'a>(&self, chunks: impl IntoIterator<Item = &'a PreparedChunk>) -> Result<()> {
+        let chunks: Vec<&PreparedChunk> = chunks.into_iter().collect();
+        self.commit(false, |tx| {
+            for c in &chunks {
+                if let Some(token) = c.staged {
+                    tx.delete(Cf::Pending, &key::pending(&c.id, token));
+                    if tx.refs(&c.id)?.is_none() && !tx.is_staged(&c.id)? {
+                        tx.delete(Cf::Chunks, &c.id.0);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Running totals.
     pub fn stats(&self) -> StatsRecord {
         self.inner.writer.lock().stats
@@ -343,14 +403,54 @@ impl Store {
         Ok(out)
     }
 
-    /// Fails with `NoSpace` if writing `extra` more bytes would eat into the reserve.
+    /// Fails with `NoSpace` if writing `extra` more bytes would eat into the reserve (after
+    /// trying to get back the space of deleted data).
     pub fn check_space(&self, extra: u64) -> Result<()> {
         let Some(space) = &self.inner.space else { return Ok(()) };
-        let free = space.free_bytes()?;
-        if free < space.reserve.saturating_add(extra) {
-            return Err(StoreError::NoSpace);
+        let enough = |free: u64| free >= space.reserve.saturating_add(extra);
+        if enough(space.free_bytes()?) {
+            return Ok(());
         }
-        Ok(())
+        if self.inner.reclaimable.load(Ordering::Relaxed) > 0 {
+            self.reclaim()?;
+            *space.checked.lock() = None;
+            if enough(space.free_bytes()?) {
+                return Ok(());
+            }
+        }
+        Err(StoreError::NoSpace)
+    }
+
+    /// Gives the disk space of deleted chunks back to the filesystem (see `Backend::reclaim`).
+    pub fn reclaim(&self) -> Result<()> {
+        let _one = self.inner.reclaim_lock.lock();
+        let freed = self.inner.reclaimable.swap(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let res = self.inner.backend.reclaim();
+        match &res {
+            Ok(()) => tracing::info!(freed, ms = started.elapsed().as_millis() as u64, "reclaimed the space of deleted chunks"),
+            Err(e) => {
+                self.inner.reclaimable.fetch_add(freed, Ordering::Relaxed);
+                tracing::warn!("reclaiming space failed: {e:#}");
+            }
+        }
+        res
+    }
+
+    fn maybe_reclaim_in_background(&self) {
+        if self.inner.reclaimable.load(Ordering::Relaxed) < RECLAIM_AT
+            || self.inner.reclaiming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new().name("pvfs-reclaim".into()).spawn(move || {
+            let _ = store.reclaim();
+            store.inner.reclaiming.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.inner.reclaiming.store(false, Ordering::Release);
+        }
     }
 
     /// Capacity of the data directory's disk (a large fake one for in-memory stores).
@@ -367,7 +467,7 @@ impl Store {
         let mut state = self.inner.writer.lock();
         let mut tx = Txn::new(&*self.inner.backend, state.clone(), Timestamp::now());
         let out = f(&mut tx)?;
-        let new_bytes = tx.new_bytes;
+        let (new_bytes, freed_bytes) = (tx.new_bytes, tx.freed_bytes);
         if new_bytes > 0 {
             self.check_space(new_bytes)?;
         }
@@ -377,6 +477,10 @@ impl Store {
         drop(state);
         if let Some(space) = &self.inner.space {
             space.consumed(new_bytes);
+        }
+        if freed_bytes > 0 {
+            self.inner.reclaimable.fetch_add(freed_bytes, Ordering::Relaxed);
+            self.maybe_reclaim_in_background();
         }
         Ok(out)
     }
@@ -390,6 +494,25 @@ impl Store {
     pub(crate) fn snapshot(&self) -> Box<dyn ReadView + '_> {
         self.inner.backend.snapshot()
     }
+}
+
+/// Removes pending markers (and unreferenced staged data) left by a crash between staging
+/// chunks and the commit that would have referenced them.
+fn clean_staged(backend: &dyn Backend) -> Result<()> {
+    let mut batch = Vec::new();
+    for item in backend.scan_from(Cf::Pending, &[]) {
+        let (k, _) = item?;
+        let id = &k[..32.min(k.len())];
+        if backend.get(Cf::Refs, id)?.is_none() {
+            batch.push((Cf::Chunks, id.to_vec(), None));
+        }
+        batch.push((Cf::Pending, k, None));
+    }
+    if !batch.is_empty() {
+        tracing::info!(entries = batch.len(), "cleaned chunks staged by an interrupted commit");
+        backend.write(batch, true)?;
+    }
+    Ok(())
 }
 
 fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Result<()> {

@@ -36,6 +36,8 @@ pub struct PreparedChunk {
     pub plain: Bytes,
     /// The stored encoding, computed ahead of the commit when the chunk looked new.
     pub encoded: Option<Vec<u8>>,
+    /// Set when `Store::stage` already stored the data: the token of its pending marker.
+    pub staged: Option<u64>,
 }
 
 impl PreparedChunk {
@@ -43,7 +45,7 @@ impl PreparedChunk {
     pub fn new(plain: Bytes, encode: bool) -> PreparedChunk {
         let id = ChunkId::of(&plain);
         let encoded = encode.then(|| chunk::encode(&plain));
-        PreparedChunk { id, plain, encoded }
+        PreparedChunk { id, plain, encoded, staged: None }
     }
 }
 
@@ -55,6 +57,7 @@ pub struct Txn<'a> {
     now: Timestamp,
     ops: Vec<OpRecord>,
     pub(crate) new_bytes: u64,
+    pub(crate) freed_bytes: u64,
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -65,7 +68,7 @@ impl std::fmt::Debug for Txn<'_> {
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, now: Timestamp) -> Txn<'a> {
-        Txn { view, overlay: BTreeMap::new(), state, now, ops: Vec::new(), new_bytes: 0 }
+        Txn { view, overlay: BTreeMap::new(), state, now, ops: Vec::new(), new_bytes: 0, freed_bytes: 0 }
     }
 
     /// The wall-clock time this transaction runs at.
@@ -243,13 +246,20 @@ impl<'a> Txn<'a> {
                 r
             }
             None => {
-                let encoded = match &c.encoded {
-                    Some(e) => e.clone(),
-                    None => chunk::encode(&c.plain),
+                let stored = match (&c.encoded, c.staged) {
+                    // Staged: the data is stored already and its pending marker kept it.
+                    (Some(e), Some(_)) => e.len() as u32,
+                    (encoded, _) => {
+                        let encoded = match encoded {
+                            Some(e) => e.clone(),
+                            None => chunk::encode(&c.plain),
+                        };
+                        let stored = encoded.len() as u32;
+                        self.new_bytes += u64::from(stored);
+                        self.put(Cf::Chunks, &c.id.0, encoded);
+                        stored
+                    }
                 };
-                let stored = encoded.len() as u32;
-                self.new_bytes += u64::from(stored);
-                self.put(Cf::Chunks, &c.id.0, encoded);
                 self.state.stats.chunks += 1;
                 self.state.stats.chunk_bytes += u64::from(len);
                 self.state.stats.stored_bytes += u64::from(stored);
@@ -257,7 +267,17 @@ impl<'a> Txn<'a> {
             }
         };
         self.put(Cf::Refs, &c.id.0, records::encode(&rec));
+        if let Some(token) = c.staged {
+            self.delete(Cf::Pending, &key::pending(&c.id, token));
+        }
         Ok(())
+    }
+
+    /// True if a staged, not yet committed, write of this chunk exists.
+    pub(crate) fn is_staged(&self, id: &ChunkId) -> Result<bool> {
+        let mut end = id.0.to_vec();
+        end.extend_from_slice(&[0xff; 9]);
+        Ok(!self.scan(Cf::Pending, &id.0, &end, 1)?.is_empty())
     }
 
     /// Adds one reference to a chunk that must already be stored.
@@ -276,7 +296,11 @@ impl<'a> Txn<'a> {
         r.count = r.count.saturating_sub(1);
         if r.count == 0 {
             self.delete(Cf::Refs, &id.0);
-            self.delete(Cf::Chunks, &id.0);
+            // A staged write of the same chunk is about to reference this data: keep it.
+            if !self.is_staged(id)? {
+                self.delete(Cf::Chunks, &id.0);
+            }
+            self.freed_bytes += u64::from(r.stored);
             let s = &mut self.state.stats;
             s.chunks = s.chunks.saturating_sub(1);
             s.chunk_bytes = s.chunk_bytes.saturating_sub(u64::from(r.len));

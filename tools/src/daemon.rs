@@ -191,13 +191,13 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     if args.background {
         return spawn_background(&data);
     }
+    make_data_dir(&data)?;
     let config = Config::load(&data)?;
     let mountpoint = absolute(args.mountpoint.clone().map_or_else(|| home().map(|h| h.join("Pervasive")), Ok)?)?;
     anyhow::ensure!(
         !data.root().starts_with(&mountpoint) && !mountpoint.starts_with(data.root()),
         "the data directory and the mount point must not contain each other"
     );
-    make_data_dir(&data)?;
     prepare_mountpoint(&mountpoint)?;
     let store = open_store(&data, &config)?;
     let fs_opts = FsOptions {

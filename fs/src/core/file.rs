@@ -21,6 +21,9 @@ use pvfs_store::{is_zero, Ino, NewExtent, Store, Timestamp};
 use super::{Attr, FsOptions};
 use crate::error::{FsError, Result, StoreResultExt};
 
+/// New chunk bytes from which a commit stages its chunks ahead (`Store::stage`).
+const STAGE_MIN_BYTES: usize = 4 << 20;
+
 /// Buffered byte runs by file offset: never overlapping, never touching.
 type Runs = BTreeMap<u64, Vec<u8>>;
 
@@ -441,7 +444,12 @@ fn commit_runs(
         return Ok(leftover);
     }
     let mtime = mtime.unwrap_or(node.mtime);
-    store
+    // Large commits store their new chunks ahead, outside the write-ahead log.
+    let new_bytes: usize = edits.iter().flat_map(|e| &e.extents).filter_map(|x| x.chunk.encoded.as_ref()).map(Vec::len).sum();
+    if new_bytes >= STAGE_MIN_BYTES {
+        store.stage(edits.iter_mut().flat_map(|e| e.extents.iter_mut()).map(|x| &mut x.chunk)).fs()?;
+    }
+    let res = store
         .commit(false, |tx| {
             if edits.is_empty() {
                 tx.replace_extents(ino, (new_size, new_size), &[], new_size, mtime)?;
@@ -451,7 +459,15 @@ fn commit_runs(
             }
             Ok(())
         })
-        .fs()?;
+        .fs();
+    if let Err(e) = res {
+        if new_bytes >= STAGE_MIN_BYTES {
+            if let Err(e2) = store.unstage(edits.iter().flat_map(|e| e.extents.iter()).map(|x| &x.chunk)) {
+                tracing::warn!(ino, "dropping staged chunks failed: {e2:#}");
+            }
+        }
+        return Err(e);
+    }
     Ok(leftover)
 }
 

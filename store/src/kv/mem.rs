@@ -82,7 +82,13 @@ impl Backend for MemBackend {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        self.write(chunks.into_iter().map(|(k, v)| (Cf::Chunks, k, Some(v))).collect(), false)
+    }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
         Box::new(MemSnapshot(self.tables.read().clone()))
+    }
+    fn reclaim(&self) -> Result<()> {
+        Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! boundary, and per-chunk zstd (skipped for incompressible data).
 //! Must not: touch the database. Callers run this on blocking threads, never on async workers.
 
+use bytes::Bytes;
+
 use crate::error::{Result, StoreError};
 use crate::types::ChunkId;
 
@@ -70,23 +72,28 @@ fn looks_compressible(plain: &[u8]) -> bool {
 
 /// The plaintext of a stored chunk of plaintext length `len`.
 pub(crate) fn decode(stored: &[u8], len: usize) -> Result<Vec<u8>> {
-    match stored.split_first() {
-        Some((&TAG_RAW, rest)) if rest.len() == len => Ok(rest.to_vec()),
-        Some((&TAG_ZSTD, rest)) => {
-            let out = zstd::bulk::decompress(rest, len)
+    decode_owned(stored.to_vec(), len).map(|b| b.to_vec())
+}
+
+/// Like `decode`, but takes the stored bytes by value: raw chunks are not copied again.
+pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
+    match stored.first() {
+        Some(&TAG_RAW) if stored.len() == len + 1 => Ok(Bytes::from(stored).slice(1..)),
+        Some(&TAG_ZSTD) => {
+            let out = zstd::bulk::decompress(&stored[1..], len)
                 .map_err(|e| StoreError::corrupt(format!("chunk does not decompress: {e}")))?;
             if out.len() != len {
                 return Err(StoreError::corrupt("decompressed chunk has the wrong length"));
             }
-            Ok(out)
+            Ok(Bytes::from(out))
         }
         _ => Err(StoreError::corrupt("chunk has an unknown encoding or the wrong length")),
     }
 }
 
 /// Decodes and checks a stored chunk against its id.
-pub(crate) fn decode_verified(id: &ChunkId, stored: &[u8], len: usize) -> Result<Vec<u8>> {
-    let plain = decode(stored, len)?;
+pub(crate) fn decode_verified(id: &ChunkId, stored: Vec<u8>, len: usize) -> Result<Bytes> {
+    let plain = decode_owned(stored, len)?;
     if ChunkId::of(&plain) != *id {
         return Err(StoreError::corrupt(format!("chunk {} fails its hash check", id.fmt_short())));
     }
@@ -138,7 +145,7 @@ mod tests {
         let text = b"hello pvfs ".repeat(10_000);
         let enc = encode(&text);
         assert!(enc.len() < text.len() / 4);
-        assert_eq!(decode_verified(&ChunkId::of(&text), &enc, text.len()).unwrap(), text);
+        assert_eq!(decode_verified(&ChunkId::of(&text), enc, text.len()).unwrap(), text);
         let rnd = random(64 << 10, 3);
         let enc = encode(&rnd);
         assert_eq!(enc.len(), rnd.len() + 1);
@@ -152,6 +159,6 @@ mod tests {
         assert!(decode(&[TAG_ZSTD, 1, 2, 3], 10).is_err());
         assert!(decode(&[TAG_RAW, 1, 2, 3], 10).is_err());
         let text = b"abc".repeat(100);
-        assert!(decode_verified(&ChunkId::of(b"other"), &encode(&text), text.len()).is_err());
+        assert!(decode_verified(&ChunkId::of(b"other"), encode(&text), text.len()).is_err());
     }
 }

@@ -287,7 +287,7 @@ impl Store {
             if v.len() != rec.stored as usize {
                 r.problem(format!("chunk {}: stored length {} but {} recorded", id.fmt_short(), v.len(), rec.stored));
             }
-            match chunk::decode_verified(&id, &v, rec.len as usize) {
+            match chunk::decode_verified(&id, v, rec.len as usize) {
                 Ok(plain) => {
                     r.chunks += 1;
                     r.chunk_bytes += plain.len() as u64;

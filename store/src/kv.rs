@@ -94,6 +94,9 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()>;
     /// Makes every write that returned so far durable.
     fn sync(&self) -> Result<()>;
+    /// Reads a chunk's stored bytes without RocksDB's block checksum check: callers verify
+    /// the chunk's BLAKE3 hash instead, which covers the data end to end.
+    fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Writes chunk data without the write-ahead log and makes it durable by flushing the
     /// chunks column family: large data reaches the disk once, in blob files.
     fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>;

@@ -112,8 +112,41 @@ impl SpaceGuard {
 /// Freed chunk bytes after which a background `reclaim` returns their space.
 const RECLAIM_AT: u64 = 256 << 20;
 
+/// Background chunk loading for read-ahead: a few threads, a bounded queue.
+struct Prefetcher {
+    queue: std::sync::mpsc::SyncSender<(ChunkId, u32)>,
+    inflight: Mutex<std::collections::HashSet<ChunkId>>,
+}
+
+const PREFETCH_THREADS: usize = 4;
+
+impl Prefetcher {
+    fn start(store: std::sync::Weak<Inner>) -> Prefetcher {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<(ChunkId, u32)>(256);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..PREFETCH_THREADS {
+            let (rx, store) = (rx.clone(), store.clone());
+            // The threads end when the store is dropped (the queue's sender goes with it).
+            let _ = std::thread::Builder::new().name(format!("pvfs-prefetch-{i}")).spawn(move || loop {
+                let job = rx.lock().recv();
+                let Ok((id, len)) = job else { return };
+                let Some(inner) = store.upgrade() else { return };
+                let s = Store { inner };
+                if let Err(e) = s.chunk(&id, len) {
+                    tracing::debug!(chunk = %id.fmt_short(), "prefetch failed: {e:#}");
+                }
+                if let Some(p) = s.inner.prefetch.get() {
+                    p.inflight.lock().remove(&id);
+                }
+            });
+        }
+        Prefetcher { queue, inflight: Mutex::new(Default::default()) }
+    }
+}
+
 struct Inner {
     backend: Box<dyn Backend>,
+    prefetch: std::sync::OnceLock<Prefetcher>,
     /// Bytes of deleted chunks whose disk space RocksDB still holds.
     reclaimable: AtomicU64,
     reclaiming: std::sync::atomic::AtomicBool,
@@ -216,6 +249,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 backend,
+                prefetch: std::sync::OnceLock::new(),
                 reclaimable: AtomicU64::new(0),
                 reclaiming: std::sync::atomic::AtomicBool::new(false),
                 reclaim_lock: Mutex::new(()),
@@ -306,15 +340,30 @@ impl Store {
         Ok(out)
     }
 
-    /// The plaintext of a chunk of length `len`.
+    /// The plaintext of a chunk of length `len`, checked against its BLAKE3 id.
     pub fn chunk(&self, id: &ChunkId, len: u32) -> Result<Bytes> {
         if let Some(b) = self.inner.cache.get(id) {
             return Ok(b);
         }
-        let stored = self.inner.backend.get(Cf::Chunks, &id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
-        let plain = Bytes::from(chunk::decode(&stored, len as usize)?);
+        let stored = self.inner.backend.get_chunk(&id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
+        let plain = chunk::decode_verified(id, stored, len as usize)?;
         self.inner.cache.insert(*id, plain.clone());
         Ok(plain)
+    }
+
+    /// Loads chunks into the cache in the background (read-ahead). Chunks already cached
+    /// or being loaded are skipped; when the queue is full the rest is dropped.
+    pub fn prefetch(&self, chunks: impl IntoIterator<Item = (ChunkId, u32)>) {
+        let p = self.inner.prefetch.get_or_init(|| Prefetcher::start(Arc::downgrade(&self.inner)));
+        for (id, len) in chunks {
+            if self.inner.cache.get(&id).is_some() || !p.inflight.lock().insert(id) {
+                continue;
+            }
+            if p.queue.try_send((id, len)).is_err() {
+                p.inflight.lock().remove(&id);
+                break;
+            }
+        }
     }
 
     /// True if the chunk is stored on this device.

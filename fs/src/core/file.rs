@@ -47,7 +47,12 @@ pub(crate) struct FileState {
     commit_lock: Mutex<()>,
     opts: FsOptions,
     dirty_total: Arc<AtomicU64>,
+    /// (end of the last read, end of what read-ahead has asked for).
+    read_ahead: Mutex<(u64, u64)>,
 }
+
+/// How far ahead of a sequential reader chunks are loaded.
+const READ_AHEAD: u64 = 8 << 20;
 
 /// Copies `data` into `runs` at `off`, merging with overlapping or adjacent runs.
 /// Returns the change in buffered bytes.
@@ -188,6 +193,30 @@ impl FileState {
             commit_lock: Mutex::new(()),
             opts,
             dirty_total,
+            read_ahead: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Starts loading the chunks after a sequential read into the cache.
+    fn read_ahead(&self, store: &Store, off: u64, end: u64, size: u64) {
+        let from = {
+            let mut ra = self.read_ahead.lock();
+            let sequential = off == ra.0 || (off < ra.0 && off + READ_AHEAD > ra.0);
+            ra.0 = end;
+            if !sequential || end + READ_AHEAD / 2 <= ra.1 {
+                return;
+            }
+            let from = ra.1.max(end);
+            ra.1 = (end + READ_AHEAD).min(size);
+            from
+        };
+        let until = (end + READ_AHEAD).min(size);
+        if from >= until {
+            return;
+        }
+        match store.extents(self.ino, from, until) {
+            Ok(extents) => store.prefetch(extents.into_iter().map(|(_, e)| (e.chunk, e.len))),
+            Err(e) => tracing::debug!(ino = self.ino, "read-ahead: {e:#}"),
         }
     }
 
@@ -266,6 +295,8 @@ impl FileState {
         };
         let mut buf = vec![0u8; (end - off) as usize];
         read_committed(store, self.ino, off, &mut buf)?;
+        let size = self.inner.lock().size;
+        self.read_ahead(store, off, end, size);
         for (a, piece) in overlay {
             let at = (a - off) as usize;
             buf[at..at + piece.len()].copy_from_slice(&piece);

@@ -82,6 +82,9 @@ impl Backend for MemBackend {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get(Cf::Chunks, id)
+    }
     fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         self.write(chunks.into_iter().map(|(k, v)| (Cf::Chunks, k, Some(v))).collect(), false)
     }

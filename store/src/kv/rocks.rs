@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
-    DBRawIteratorWithThreadMode, FlushOptions, Options, WriteBatch, WriteOptions, DB,
+    DBRawIteratorWithThreadMode, FlushOptions, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use super::{Backend, BatchOp, Cf, ReadView, Scan};
@@ -202,6 +202,11 @@ impl Backend for RocksBackend {
     }
     fn sync(&self) -> Result<()> {
         self.db.flush_wal(true).map_err(db_err)
+    }
+    fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(false);
+        self.db.get_pinned_cf_opt(self.cf(Cf::Chunks), id, &ro).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
     }
     fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         let cf = self.cf(Cf::Chunks);

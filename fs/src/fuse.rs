@@ -76,6 +76,25 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+fn negative_attr() -> FileAttr {
+    let zero = Timestamp::default();
+    file_attr(&Attr {
+        ino: 0,
+        kind: FileKind::File,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        blocks: 0,
+        atime: zero,
+        mtime: zero,
+        ctime: zero,
+        btime: zero,
+    })
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
@@ -100,12 +119,23 @@ fn errno(op: &str, e: &FsError) -> Errno {
 #[derive(Debug)]
 pub struct FuseFs {
     fs: Arc<Fs>,
+    /// Runs the requests that commit content (flush, fsync, release, truncation, range
+    /// operations) on blocking threads, so that chunking and hashing never occupy a FUSE
+    /// session thread.
+    blocking: tokio::runtime::Handle,
 }
 
 impl FuseFs {
     /// Wraps the core filesystem.
-    pub fn new(fs: Arc<Fs>) -> FuseFs {
-        FuseFs { fs }
+    pub fn new(fs: Arc<Fs>, blocking: tokio::runtime::Handle) -> FuseFs {
+        FuseFs { fs, blocking }
+    }
+
+    /// Runs `op` on a blocking thread; the span goes with it.
+    fn offload(&self, op: impl FnOnce(&Fs) + Send + 'static) {
+        let fs = self.fs.clone();
+        let span = tracing::Span::current();
+        self.blocking.spawn_blocking(move || span.in_scope(|| op(&fs)));
     }
 }
 
@@ -125,7 +155,10 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ASYNC_READ;
+            | InitFlags::FUSE_ASYNC_READ
+            // pvfs clears setuid/setgid itself (on write, truncate, chown), so the kernel need
+            // not ask for security.capability before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         let _ = config.set_max_write(1 << 20);
@@ -143,9 +176,12 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
-        reply_result!("lookup", reply, self.fs.lookup(parent.0, name.as_bytes()), |a| {
-            reply.entry(&TTL, &file_attr(&a), Generation(0))
-        });
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            // A negative entry (node id 0): the kernel caches that the name does not exist.
+            Err(e) if e.to_errno() == libc::ENOENT => reply.entry(&TTL, &negative_attr(), Generation(0)),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -159,7 +195,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -176,7 +212,7 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let _s = debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
-        let req = SetAttrRequest {
+        let changes = SetAttrRequest {
             perm: mode.map(|m| m & 0o7777),
             uid,
             gid,
@@ -184,7 +220,17 @@ impl Filesystem for FuseFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        reply_result!("setattr", reply, self.fs.setattr(ino.0, &req), |a| reply.attr(&TTL, &file_attr(&a)));
+        let caller = caller(req);
+        let commits = changes.size.is_some() || changes.mtime.is_some();
+        let run = move |fs: &Fs| {
+            reply_result!("setattr", reply, fs.setattr(ino.0, &changes, caller), |a| reply.attr(&TTL, &file_attr(&a)))
+        };
+        if commits {
+            // May commit buffered writes first.
+            self.offload(run);
+        } else {
+            run(&self.fs);
+        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -282,18 +328,19 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _s = debug_span!("write", ino = ino.0, fh = fh.0, offset, len = data.len()).entered();
-        reply_result!("write", reply, self.fs.write(fh.0, offset, data), |n| reply.written(n));
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        reply_result!("write", reply, self.fs.write(fh.0, offset, data, kill), |n| reply.written(n));
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let _s = debug_span!("flush", ino = ino.0, fh = fh.0).entered();
-        reply_result!("flush", reply, self.fs.flush(fh.0), |()| reply.ok());
+        self.offload(move |fs| reply_result!("flush", reply, fs.flush(fh.0), |()| reply.ok()));
     }
 
     fn release(
@@ -307,12 +354,12 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("release", ino = ino.0, fh = fh.0).entered();
-        reply_result!("release", reply, self.fs.release(fh.0), |()| reply.ok());
+        self.offload(move |fs| reply_result!("release", reply, fs.release(fh.0), |()| reply.ok()));
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let _s = debug_span!("fsync", ino = ino.0, fh = fh.0).entered();
-        reply_result!("fsync", reply, self.fs.fsync(fh.0), |()| reply.ok());
+        self.offload(move |fs| reply_result!("fsync", reply, fs.fsync(fh.0), |()| reply.ok()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -362,7 +409,7 @@ impl Filesystem for FuseFs {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let _s = debug_span!("fsyncdir", ino = ino.0).entered();
-        reply_result!("fsyncdir", reply, self.fs.fsyncdir(), |()| reply.ok());
+        self.offload(move |fs| reply_result!("fsyncdir", reply, fs.fsyncdir(), |()| reply.ok()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -423,7 +470,7 @@ impl Filesystem for FuseFs {
 
     fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
         let _s = debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
-        reply_result!("fallocate", reply, self.fs.fallocate(fh.0, offset, length, mode), |()| reply.ok());
+        self.offload(move |fs| reply_result!("fallocate", reply, fs.fallocate(fh.0, offset, length, mode), |()| reply.ok()));
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
@@ -432,7 +479,7 @@ impl Filesystem for FuseFs {
             reply.error(Errno::EINVAL);
             return;
         };
-        reply_result!("lseek", reply, self.fs.lseek(fh.0, offset, whence), |o| reply.offset(o as i64));
+        self.offload(move |fs| reply_result!("lseek", reply, fs.lseek(fh.0, offset, whence), |o| reply.offset(o as i64)));
     }
 
     fn copy_file_range(
@@ -453,8 +500,10 @@ impl Filesystem for FuseFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let res = self.fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
-        reply_result!("copy_file_range", reply, res, |n| reply.written(n as u32));
+        self.offload(move |fs| {
+            let res = fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+            reply_result!("copy_file_range", reply, res, |n| reply.written(n as u32))
+        });
     }
 }
 
@@ -488,7 +537,7 @@ impl Unmounter {
 
 impl Mount {
     /// Mounts `fs` at `mountpoint` (with `default_permissions`, and `allow_other` if asked).
-    pub fn new(fs: Arc<Fs>, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount> {
+    pub fn new(fs: Arc<Fs>, mountpoint: &Path, opts: &MountOptions, blocking: tokio::runtime::Handle) -> io::Result<Mount> {
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName("pvfs".into()),
@@ -502,8 +551,8 @@ impl Mount {
             config.acl = fuser::SessionACL::All;
         }
         config.n_threads = Some(opts.threads.max(1));
-        config.clone_fd = true;
-        let session = fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?;
+        config.clone_fd = std::env::var_os("PVFS_NO_CLONE_FD").is_none();
+        let session = fuser::Session::new(FuseFs::new(fs, blocking), mountpoint, &config)?;
         Ok(Mount { session, threads: opts.threads })
     }
 

@@ -136,7 +136,7 @@ impl Real {
     fn write(&self, p: &Path, off: u64, data: &[u8]) -> Result<(), i32> {
         let ino = self.resolve(p)?;
         let fh = self.fs.open(ino, false).map_err(|e| e.to_errno())?;
-        let res = self.fs.write(fh, off, data).map(|_| ()).map_err(|e| e.to_errno());
+        let res = self.fs.write(fh, off, data, false).map(|_| ()).map_err(|e| e.to_errno());
         // Read back through the same handle before the buffer is committed.
         let back = self.fs.read(fh, off, data.len() as u32).map_err(|e| e.to_errno())?;
         assert_eq!(back, data, "read-your-writes through the buffer");
@@ -208,7 +208,7 @@ fn apply(model: &mut Model, real: &Real, op: &Op) {
             model.files.get_mut(&id).expect("file").resize(*size as usize, 0);
             let ino = real.resolve(&p).expect("resolve");
             let req = SetAttrRequest { size: Some(u64::from(*size)), ..Default::default() };
-            (Ok(()), real.fs.setattr(ino, &req).map(|_| ()).map_err(|e| e.to_errno()))
+            (Ok(()), real.fs.setattr(ino, &req, ROOT).map(|_| ()).map_err(|e| e.to_errno()))
         }
         Op::Rename { from, dir, name } => {
             let Some(src) = pick(&model.paths(), *from) else { return };

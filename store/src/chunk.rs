@@ -39,10 +39,20 @@ pub fn cut(data: &[u8], eof: bool) -> Vec<usize> {
     lens
 }
 
+thread_local! {
+    /// One zstd context per thread: creating one per chunk costs more than compressing.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+}
+
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| c.borrow_mut().as_mut().and_then(|c| c.compress(data).ok()))
+}
+
 /// The stored form of a chunk: a tag byte, then the plaintext or its zstd frame.
 pub(crate) fn encode(plain: &[u8]) -> Vec<u8> {
     if looks_compressible(plain) {
-        if let Ok(z) = zstd::bulk::compress(plain, ZSTD_LEVEL) {
+        if let Some(z) = compress(plain) {
             if z.len() + z.len() / 8 < plain.len() {
                 let mut out = Vec::with_capacity(z.len() + 1);
                 out.push(TAG_ZSTD);
@@ -64,10 +74,7 @@ fn looks_compressible(plain: &[u8]) -> bool {
     // A sample from the middle: random-looking data costs one small zstd call, not a full one.
     let mid = plain.len() / 2;
     let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
-    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
-        Ok(z) => z.len() < SAMPLE * 15 / 16,
-        Err(_) => false,
-    }
+    compress(sample).is_some_and(|z| z.len() < SAMPLE * 15 / 16)
 }
 
 /// The plaintext of a stored chunk of plaintext length `len`.

@@ -151,6 +151,10 @@ struct Inner {
     reclaimable: AtomicU64,
     reclaiming: std::sync::atomic::AtomicBool,
     reclaim_lock: Mutex<()>,
+    /// Commits written so far, and how many of them a WAL sync has made durable: a sync
+    /// covers every commit before it, so concurrent `sync` calls share one (group commit).
+    committed: AtomicU64,
+    synced: Mutex<u64>,
     writer: Mutex<WriterState>,
     device: DeviceId,
     namespace: [u8; 16],
@@ -253,6 +257,8 @@ impl Store {
                 reclaimable: AtomicU64::new(0),
                 reclaiming: std::sync::atomic::AtomicBool::new(false),
                 reclaim_lock: Mutex::new(()),
+                committed: AtomicU64::new(0),
+                synced: Mutex::new(0),
                 writer: Mutex::new(state),
                 device,
                 namespace,
@@ -523,6 +529,7 @@ impl Store {
         let (batch, new_state, _ops) = tx.finish();
         self.inner.backend.write(batch, sync)?;
         *state = new_state;
+        self.inner.committed.fetch_add(1, Ordering::Release);
         drop(state);
         if let Some(space) = &self.inner.space {
             space.consumed(new_bytes);
@@ -534,9 +541,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Makes every commit so far durable (syncs the write-ahead log).
+    /// Makes every commit so far durable (syncs the write-ahead log). Callers that arrive
+    /// while a sync runs wait for it and then return at once if it covered their commits.
     pub fn sync(&self) -> Result<()> {
-        self.inner.backend.sync()
+        let target = self.inner.committed.load(Ordering::Acquire);
+        let mut synced = self.inner.synced.lock();
+        if *synced >= target {
+            return Ok(());
+        }
+        let covering = self.inner.committed.load(Ordering::Acquire);
+        self.inner.backend.sync()?;
+        *synced = covering;
+        Ok(())
     }
 
     /// A consistent point-in-time view for whole-store scans (fsck).

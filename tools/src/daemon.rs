@@ -222,7 +222,8 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
         });
     }
     let threads = args.fuse_threads.unwrap_or(config.fuse.threads).clamp(1, 64);
-    let mut mount = Mount::new(fs.clone(), &mountpoint, &MountOptions { threads, allow_other: config.fuse.allow_other })
+    let mount_opts = MountOptions { threads, allow_other: config.fuse.allow_other };
+    let mut mount = Mount::new(fs.clone(), &mountpoint, &mount_opts, runtime.handle().clone())
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let mut unmounter = mount.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;

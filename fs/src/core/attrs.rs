@@ -49,6 +49,15 @@ pub struct StatFs {
 
 const PVFS_XATTR_PREFIX: &[u8] = b"user.pvfs.";
 
+/// `perm` without setuid, and without setgid if group-execute is set.
+fn killed(perm: u32) -> u32 {
+    let mut p = perm & !libc::S_ISUID;
+    if p & libc::S_IXGRP != 0 {
+        p &= !libc::S_ISGID;
+    }
+    p
+}
+
 fn check_xattr_name(name: &[u8]) -> Result<()> {
     if !name.starts_with(b"user.") || name.len() <= 5 {
         return Err(fs_err!(EOPNOTSUPP, "only user.* extended attributes are supported"));
@@ -60,9 +69,25 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
 }
 
 impl Fs {
+    /// Clears setuid, and setgid if group-execute is set, like Linux does when an
+    /// unprivileged process writes or truncates, or anyone changes the owner.
+    pub(crate) fn kill_suidgid(&self, ino: Ino) -> Result<()> {
+        let n = self.node(ino)?;
+        let perm = killed(n.perm);
+        if n.kind != FileKind::Dir && perm != n.perm {
+            let changes = SetAttrs { perm: Some(perm), ..Default::default() };
+            self.store.commit(false, |tx| tx.setattr(ino, &changes)).fs()?;
+        }
+        Ok(())
+    }
+
     /// Changes attributes and/or size; returns the new attributes.
-    pub fn setattr(&self, ino: Ino, req: &SetAttrRequest) -> Result<Attr> {
+    pub fn setattr(&self, ino: Ino, req: &SetAttrRequest, caller: Caller) -> Result<Attr> {
         let file = self.inodes.file(ino);
+        let owner_change = req.uid.is_some() || req.gid.is_some();
+        if (req.size.is_some() && caller.uid != 0) || (owner_change && req.perm.is_none()) {
+            self.kill_suidgid(ino)?;
+        }
         if let Some(size) = req.size {
             let n = self.node(ino)?;
             match n.kind {

@@ -61,9 +61,13 @@ impl Fs {
         file.read(&self.store, offset, size)
     }
 
-    /// Writes `data` at `offset`; returns the bytes written.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let (_, file) = self.handle_file(fh)?;
+    /// Writes `data` at `offset`; returns the bytes written. `kill_suidgid`: the writer is
+    /// unprivileged, so setuid (and setgid with group-execute) must go, as on a local fs.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
+        let (ino, file) = self.handle_file(fh)?;
+        if kill_suidgid {
+            self.kill_suidgid(ino)?;
+        }
         if offset.saturating_add(data.len() as u64) > MAX_FILE_SIZE {
             return Err(fs_err!(EFBIG, "write beyond the largest file size"));
         }

@@ -73,7 +73,10 @@ impl Daemon {
 
     /// Like `start`, with extra arguments; returns the daemon's output if it fails.
     pub fn try_start(data: &Path, mnt: &Path, extra: &[&str]) -> Result<Daemon, String> {
-        std::fs::create_dir_all(mnt).expect("create mount point");
+        // A dead mount left by a crash makes create_dir_all fail with EEXIST: pvfs cleans it.
+        if let Err(e) = std::fs::create_dir_all(mnt) {
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "create mount point: {e}");
+        }
         let log = data.with_extension("log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(bin("pvfs"))
@@ -91,7 +94,8 @@ impl Daemon {
         let mut d = Daemon { child: Some(child), mnt: mnt.to_path_buf(), data: data.to_path_buf(), log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if mounted(mnt) {
+            // A dead mount from a crash is listed too, but cannot be stat'ed.
+            if mounted(mnt) && std::fs::metadata(mnt).is_ok() {
                 return Ok(d);
             }
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -154,6 +158,42 @@ impl Daemon {
             let _ = child.wait();
         }
         force_unmount(&self.mnt);
+    }
+
+    /// Kills the daemon with SIGKILL and leaves its dead mount behind (as a crash would).
+    pub fn crash_leaving_mount(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::mem::forget(self);
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill with a valid pid and signal.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; returns whether it exited with status 0.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<bool> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// True while the mount point is a mounted FUSE filesystem.
+    pub fn is_mounted(&self) -> bool {
+        mounted(&self.mnt)
     }
 
     /// Runs `pvfs-admin --data DATA ARGS...`.

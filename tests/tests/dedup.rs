@@ -38,7 +38,7 @@ fn copies_dedup_and_an_insert_adds_few_chunks() {
         }
         dst.write_all(&buf[..n]).unwrap();
     }
-    drop(dst);
+    drop((src, dst));
     let s1 = stats(&s.data());
     let added = u(&s1, "stored_bytes") - u(&s0, "stored_bytes");
     println!("copy of {SIZE} bytes added {added} stored bytes ({:.4}%)", added as f64 * 100.0 / u(&s0, "stored_bytes") as f64);
@@ -62,6 +62,6 @@ fn copies_dedup_and_an_insert_adds_few_chunks() {
     expect.extend_from_slice(&data[mid..]);
     assert!(fs::read(&orig).unwrap() == expect, "edited file reads back");
     assert!(fs::read(s.mnt().join("copy.bin")).unwrap() == data, "copy reads back");
-    drop(d);
+    assert!(d.stop(), "clean exit on SIGTERM");
     assert_fsck_clean(&s.data());
 }

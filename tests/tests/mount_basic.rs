@@ -174,3 +174,36 @@ fn copy_file_range_shares_chunks() {
     assert_eq!(after["stored_bytes"], before["stored_bytes"], "no new chunk data");
     assert_eq!(after["chunks"], before["chunks"]);
 }
+
+#[test]
+fn a_dead_mount_is_cleaned_at_the_next_start() {
+    let s = Scratch::new();
+    let d = Daemon::start(&s.data(), &s.mnt());
+    fs::write(s.mnt().join("kept"), b"still here").unwrap();
+    d.crash_leaving_mount();
+    let err = fs::metadata(s.mnt()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "a dead mount: {err}");
+    let d = Daemon::start(&s.data(), &s.mnt());
+    assert_eq!(fs::read(s.mnt().join("kept")).unwrap(), b"still here");
+    assert!(d.stop());
+    assert_fsck_clean(&s.data());
+}
+
+#[test]
+fn sigterm_on_a_busy_mount_detaches_and_exits_when_files_close() {
+    let s = Scratch::new();
+    let mut d = Daemon::start(&s.data(), &s.mnt());
+    fs::write(s.mnt().join("open"), pattern(100_000, 5)).unwrap();
+    let f = fs::File::open(s.mnt().join("open")).unwrap();
+    d.terminate();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.is_mounted() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!d.is_mounted(), "the busy mount is detached");
+    let mut got = vec![0u8; 100_000];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(got, pattern(100_000, 5), "open files keep working after the detach");
+    drop(f);
+    assert_eq!(d.wait_exit(std::time::Duration::from_secs(20)), Some(true), "exits cleanly once the last file closes");
+}

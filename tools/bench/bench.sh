@@ -6,6 +6,7 @@
 #   BENCH_SIZE_MB=2048        size of the sequential write/read files
 #   BENCH_FIO_MB=1024         size of the fio random-read file (also the append base file)
 #   BENCH_FIO_RUNTIME=20      fio runtime in seconds
+#   BENCH_FIO_DIRECT=0        fio direct= (0: buffered, page-cache hits count; 1: O_DIRECT)
 #   BENCH_APPEND_ITERS=200    4 KiB append+fsync iterations
 #   BENCH_TREE_FILES=30000    files in the untar tree (>= 30000 recommended)
 #   BENCH_FS="native passthrough pvfs"   which filesystems to run, in this order
@@ -15,6 +16,8 @@
 #   BENCH_RESULTS_DIR=$BENCH_CACHE/results
 #   BENCH_KEEP=0              1: keep the scratch dir (data) after the run
 #   BENCH_STEP_TIMEOUT=900    per-step timeout in seconds (a hung step fails the run)
+#   BENCH_REMOUNT_COLD=1      1: remount the FUSE filesystems before every cold measurement
+#                             (drops the daemons' own caches too); 0: drop_caches only
 #   PVFS_BIN_DIR=$HOME/.cache/pvfs-target/release   where pvfs and pvfs-admin are
 #   PVFS_MOUNT_ARGS=""        extra args for `pvfs mount` (e.g. "--fuse-threads 4")
 #   PT_OPTS="--nosplice"      passthrough_hp options (default: caches on, splice off)
@@ -23,6 +26,7 @@ set -euo pipefail
 SIZE_MB=${BENCH_SIZE_MB:-2048}
 FIO_MB=${BENCH_FIO_MB:-1024}
 FIO_RUNTIME=${BENCH_FIO_RUNTIME:-20}
+FIO_DIRECT=${BENCH_FIO_DIRECT:-0}
 APPEND_ITERS=${BENCH_APPEND_ITERS:-200}
 TREE_FILES=${BENCH_TREE_FILES:-30000}
 FS_LIST=${BENCH_FS:-native passthrough pvfs}
@@ -32,6 +36,7 @@ CACHE=${BENCH_CACHE:-$HOME/.cache/pvfs-bench}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$CACHE/results}
 KEEP=${BENCH_KEEP:-0}
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-900}
+REMOUNT_COLD=${BENCH_REMOUNT_COLD:-1}
 PVFS_BIN_DIR=${PVFS_BIN_DIR:-$HOME/.cache/pvfs-target/release}
 PVFS_MOUNT_ARGS=${PVFS_MOUNT_ARGS:-}
 PT_OPTS=${PT_OPTS:---nosplice}
@@ -66,8 +71,9 @@ fi
 
 # ---------------------------------------------------------------- passthrough_hp build
 PT_BIN="$CACHE/bin/passthrough_hp"
+PT_RECIPE="recipe-2"   # bump to force a rebuild when the build steps below change
 build_passthrough_hp() {
-    [[ -x $PT_BIN ]] && return 0
+    [[ -x $PT_BIN && $(cat "$CACHE/bin/passthrough_hp.recipe" 2>/dev/null) == "$PT_RECIPE" ]] && return 0
     log "building passthrough_hp (libfuse from Debian's fuse3 source package) into $CACHE"
     local pkgs=()
     command -v meson >/dev/null || pkgs+=(meson)
@@ -106,11 +112,20 @@ build_passthrough_hp() {
     (cd "$src/fuse3" && meson setup "$build" -Dbuildtype=release -Ddefault_library=static \
         -Dexamples=true -Dutils=false -Dtests=false >"$src/meson.log" 2>&1) ||
         { tail -n 30 "$src/meson.log" >&2; die "meson setup failed"; }
+    # libfuse 3.14's passthrough_hp.cc tests HAVE_UTIMENSAT / HAVE_POSIX_FALLOCATE /
+    # HAVE_SETXATTR but never includes the generated fuse_config.h, so as shipped it
+    # answers EOPNOTSUPP to utimensat() on a path (tar, touch), fallocate and xattrs.
+    # Pass the features meson detected as -D flags (no source change).
+    local defs
+    defs=$(sed -n -E 's/^#define (HAVE_(UTIMENSAT|POSIX_FALLOCATE|SETXATTR))$/-D\1/p' "$build/fuse_config.h" | tr '\n' ' ')
+    log "passthrough_hp cpp_args: $defs"
+    meson configure "$build" -Dcpp_args="$defs" >>"$src/meson.log" 2>&1 || die "meson configure failed"
     ninja -C "$build" example/passthrough_hp >"$src/ninja.log" 2>&1 ||
         { tail -n 30 "$src/ninja.log" >&2; die "ninja failed"; }
     mkdir -p "$CACHE/bin"
     cp "$build/example/passthrough_hp" "$PT_BIN.tmp"
-    echo "$ver $(basename "$dsc")" >"$CACHE/bin/passthrough_hp.version"
+    echo "$ver ($(basename "$dsc"), static libfuse, built with $defs)" >"$CACHE/bin/passthrough_hp.version"
+    echo "$PT_RECIPE" >"$CACHE/bin/passthrough_hp.recipe"
     mv "$PT_BIN.tmp" "$PT_BIN"
 }
 if has "$FS_LIST" passthrough; then
@@ -236,9 +251,16 @@ PVFS_PID=""
 declare -A DIR=([native]="$SCRATCH/native" [passthrough]="$SCRATCH/pt-mnt" [pvfs]="$SCRATCH/pvfs-mnt")
 
 is_mounted() { findmnt -rn -M "$1" >/dev/null 2>&1; }
+alive() { # pid (a zombie child counts as gone)
+    kill -0 "$1" 2>/dev/null || return 1
+    [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
+}
 wait_gone() { # pid seconds
     local i
-    for ((i = 0; i < $2 * 10; i++)); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    for ((i = 0; i < $2 * 10; i++)); do
+        alive "$1" || { wait "$1" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
     return 1
 }
 cleanup() {
@@ -255,10 +277,16 @@ cleanup() {
         log "pvfs daemon $PVFS_PID still alive after unmount; killing"
         kill "$PVFS_PID" 2>/dev/null; wait_gone "$PVFS_PID" 5 || kill -9 "$PVFS_PID" 2>/dev/null
     fi
+    if ((rc != 0)); then
+        local keep_logs
+        keep_logs="$RESULTS_DIR/failed-$(date +%Y%m%d-%H%M%S)"
+        mkdir -p "$keep_logs"
+        cp "$SCRATCH"/*.log "$SCRATCH/pvfs-data/pvfs.log" "$keep_logs/" 2>/dev/null
+        log "FAILED (exit $rc); logs copied to $keep_logs"
+    fi
     if [[ $KEEP != 1 ]] && ! is_mounted "$SCRATCH/pt-mnt" && ! is_mounted "$SCRATCH/pvfs-mnt"; then
         rm -rf --one-file-system "$SCRATCH"
     fi
-    ((rc == 0)) || log "FAILED (exit $rc); logs: $SCRATCH (kept: BENCH_KEEP=$KEEP)"
     exit $rc
 }
 trap cleanup EXIT
@@ -277,9 +305,11 @@ mount_passthrough() {
     die "passthrough_hp did not mount in 10 s"
 }
 mount_pvfs() {
-    cp "$PVFS" "$PVFS_ADMIN" "$SCRATCH/bin/"   # snapshot: the build dir may be rebuilt meanwhile
-    PVFS="$SCRATCH/bin/pvfs"
-    PVFS_ADMIN="$SCRATCH/bin/pvfs-admin"
+    if [[ $PVFS != "$SCRATCH/bin/pvfs" ]]; then
+        cp "$PVFS" "$PVFS_ADMIN" "$SCRATCH/bin/"   # snapshot: the build dir may be rebuilt meanwhile
+        PVFS="$SCRATCH/bin/pvfs"
+        PVFS_ADMIN="$SCRATCH/bin/pvfs-admin"
+    fi
     # shellcheck disable=SC2086
     timeout 60 "$PVFS" mount "$SCRATCH/pvfs-mnt" --data "$SCRATCH/pvfs-data" --background $PVFS_MOUNT_ARGS ||
         { tail -n 30 "$SCRATCH/pvfs-data/pvfs.log" >&2 2>/dev/null; die "pvfs mount failed"; }
@@ -287,6 +317,29 @@ mount_pvfs() {
     PVFS_PID=$("$PVFS_ADMIN" --data "$SCRATCH/pvfs-data" --json status |
         python3 -c 'import json,sys; print(json.load(sys.stdin).get("pid",""))') || PVFS_PID=""
 }
+unmount_fuse() { # fs
+    local m=${DIR[$1]} pid t0
+    [[ $1 == passthrough ]] && pid=$PT_PID || pid=$PVFS_PID
+    t0=$(date +%s)
+    until fusermount3 -u "$m" 2>/dev/null; do
+        (($(date +%s) - t0 < 30)) || die "$1: fusermount3 -u $m still failing after 30 s"
+        sleep 0.5
+    done
+    if [[ -n $pid ]]; then
+        wait_gone "$pid" 120 || die "$1: daemon $pid still running 120 s after unmount"
+    fi
+    if [[ $1 == passthrough ]]; then PT_PID=""; else PVFS_PID=""; fi
+}
+# Make the next access cold: remount a FUSE filesystem (also empties the daemon's own
+# caches) unless BENCH_REMOUNT_COLD=0, then drop the kernel's caches.
+cold() { # fs
+    if [[ $REMOUNT_COLD == 1 && $1 != native ]]; then
+        unmount_fuse "$1"
+        if [[ $1 == passthrough ]]; then mount_passthrough; else mount_pvfs; fi
+    fi
+    drop_caches
+}
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 pvfs_stats() { timeout 60 "$PVFS_ADMIN" --data "$SCRATCH/pvfs-data" --json stats; }
 
 has "$FS_LIST" passthrough && mount_passthrough
@@ -300,7 +353,6 @@ put() { R["$1|$2"]=$3; }
 now() { date +%s.%N; }
 fdiv() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.6f", a / b; else print "nan" }'; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.6f", b - a }'; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 T() { timeout -k 10 "$STEP_TIMEOUT" "$@"; }   # every step that touches a filesystem under test
 warm() { cat "$1" >/dev/null; }
 
@@ -321,12 +373,12 @@ test_seq() { # fs
     put write_text "$fs" "$(seq_mbps "$SIZE_B" "$t")"
     if [[ $fs == pvfs ]]; then PVFS_STATS_SEQ=$(pvfs_stats || echo '{}'); fi
     log "$fs: seq read (cold, warm)"
-    drop_caches
+    cold "$fs"
     t=$(now); T dd if="$d/seq-random.bin" of=/dev/null bs=1M status=none; t=$(since "$t")
     put read_cold "$fs" "$(seq_mbps "$SIZE_B" "$t")"
     t=$(now); T dd if="$d/seq-random.bin" of=/dev/null bs=1M status=none; t=$(since "$t")
     put read_warm "$fs" "$(seq_mbps "$SIZE_B" "$t")"
-    drop_caches
+    cold "$fs"
     t=$(now); T dd if="$d/seq-text.txt" of=/dev/null bs=1M status=none; t=$(since "$t")
     put read_cold_text "$fs" "$(seq_mbps "$SIZE_B" "$t")"
     T cmp -s "$d/seq-text.txt" "$TEXT_IN" || die "$fs: text file read back differs from input"
@@ -342,10 +394,10 @@ make_fio_file() { # fs
 test_fio() { # fs
     local fs=$1 d=${DIR[$1]} out
     make_fio_file "$fs"
-    drop_caches
-    log "$fs: fio 4k randread QD1 psync buffered, ${FIO_RUNTIME}s"
+    cold "$fs"
+    log "$fs: fio 4k randread QD1 psync direct=$FIO_DIRECT, ${FIO_RUNTIME}s"
     out=$(T fio --name=randread --filename="$d/rand.dat" --rw=randread --bs=4k --ioengine=psync \
-        --iodepth=1 --direct=0 --invalidate=1 --size="${FIO_MB}M" --runtime="$FIO_RUNTIME" --time_based \
+        --iodepth=1 --direct="$FIO_DIRECT" --invalidate=1 --size="${FIO_MB}M" --runtime="$FIO_RUNTIME" --time_based \
         --norandommap --randrepeat=0 --output-format=json)
     local parsed
     parsed=$(python3 -c '
@@ -390,12 +442,14 @@ test_tree() { # fs
     warm "$TREE_TAR"
     mkdir "$d/tree"
     log "$fs: untar $NFILES files"
-    t=$(now); T tar -xf "$TREE_TAR" -C "$d/tree"; t=$(since "$t")
+    t=$(now)
+    T tar -xf "$TREE_TAR" -C "$d/tree" 2>"$SCRATCH/tar-$fs.log" || { head -n 20 "$SCRATCH/tar-$fs.log" >&2; die "$fs: tar -xf failed"; }
+    t=$(since "$t")
     put untar_s "$fs" "$(printf %.2f "$t")"; put untar_fps "$fs" "$(printf %.0f "$(fdiv "$NFILES" "$t")")"
     local got
     got=$(T find "$d/tree" -type f | wc -l)
     [[ $got == "$NFILES" ]] || die "$fs: $got files after untar, expected $NFILES"
-    drop_caches
+    cold "$fs"
     log "$fs: stat all (cold, warm)"
     t=$(now); T find "$d/tree" -printf '%s %T@\n' >/dev/null; t=$(since "$t")
     put stat_cold_s "$fs" "$(printf %.2f "$t")"; put stat_cold_fps "$fs" "$(printf %.0f "$(fdiv "$NFILES" "$t")")"
@@ -443,7 +497,7 @@ declare -A LABEL=(
     [read_cold]="seq read random, cold"
     [read_warm]="seq read random, warm (2nd read)"
     [read_cold_text]="seq read text, cold"
-    [fio_iops]="fio 4k randread QD1 (${FIO_MB}MiB)"
+    [fio_iops]="fio 4k randread QD1 direct=$FIO_DIRECT"
     [fio_p50]="fio 4k randread p50"
     [fio_p99]="fio 4k randread p99"
     [append_p50]="append 4k+fsync p50 (x$APPEND_ITERS)"
@@ -471,7 +525,8 @@ RESULTS="$RESULTS_DIR/pvfs-bench-$STAMP.txt"
     echo "pvfs: $PVFS_BIN_DIR/pvfs ($("$PVFS" --version 2>/dev/null || echo '?')), repo $git_rev$( ((git_dirty)) && echo " +$git_dirty modified files")"
     has "$FS_LIST" passthrough && echo "passthrough_hp: libfuse $(cat "$CACHE/bin/passthrough_hp.version" 2>/dev/null), options: $PT_OPTS"
     echo "native: $(findmnt -n -o SOURCE,FSTYPE -T "$SCRATCH" | tr -s ' ') at $SCRATCH"
-    echo "sizes: seq ${SIZE_MB} MiB, fio ${FIO_MB} MiB ${FIO_RUNTIME}s, append x$APPEND_ITERS, tree ${NFILES:-?} files"
+    echo "sizes: seq ${SIZE_MB} MiB, fio ${FIO_MB} MiB ${FIO_RUNTIME}s psync QD1 direct=$FIO_DIRECT, append x$APPEND_ITERS, tree ${NFILES:-?} files"
+    echo "cold = $( [[ $REMOUNT_COLD == 1 ]] && echo 'FUSE remount + ' )sync + drop_caches before the measurement"
     echo "load average: start $LOAD_START, end $LOAD_END; total ${ELAPSED}s"
     echo
     fmt='%-38s %-8s %-6s %12s %12s %12s %9s %9s\n'

@@ -134,11 +134,7 @@ fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
         Ok(_) => anyhow::bail!("mount point {} is not a directory", mountpoint.display()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(mountpoint = %mountpoint.display(), "cleaning a dead mount left by a previous run");
-            let lazy = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
-            if !lazy.is_ok_and(|s| s.success()) {
-                rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
-                    .with_context(|| format!("unmounting the dead mount at {}", mountpoint.display()))?;
-            }
+            lazy_unmount(mountpoint);
             anyhow::ensure!(
                 std::fs::metadata(mountpoint).is_ok_and(|m| m.is_dir()),
                 "{} is still unusable after unmounting",
@@ -150,6 +146,16 @@ fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
             std::fs::create_dir_all(mountpoint).with_context(|| format!("creating mount point {}", mountpoint.display()))
         }
         Err(e) => Err(anyhow::anyhow!("mount point {}: {e}", mountpoint.display())),
+    }
+}
+
+/// `fusermount3 -u -z`, or a detaching unmount(2) when that is not available.
+fn lazy_unmount(mountpoint: &Path) {
+    let lazy = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).stderr(Stdio::null()).status();
+    if !lazy.is_ok_and(|s| s.success()) {
+        if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH) {
+            tracing::error!(mountpoint = %mountpoint.display(), "detaching failed: {e}");
+        }
     }
 }
 
@@ -228,11 +234,15 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     let mut unmounter = mount.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let signal_handle = signals.handle();
+    let mp = mountpoint.clone();
     let signal_thread = std::thread::Builder::new().name("pvfs-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(sig, "signal received: unmounting");
             if let Err(e) = unmounter.unmount() {
-                tracing::error!("unmount failed: {e:#}");
+                // Busy (open files, a shell inside): detach it now; the files still open keep
+                // working and the daemon exits when the last one is closed.
+                tracing::warn!("unmount failed ({e}); detaching the mount, serving open files until they close");
+                lazy_unmount(&mp);
             }
         }
     })?;

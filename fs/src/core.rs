@@ -40,7 +40,10 @@ pub struct FsOptions {
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { commit_threshold: 16 << 20, dirty_limit: 64 << 20 }
+        FsOptions {
+            commit_threshold: 16 << 20,
+            dirty_limit: 64 << 20,
+        }
     }
 }
 
@@ -118,8 +121,14 @@ pub struct Fs {
 
 #[derive(Debug)]
 enum Handle {
-    File { ino: Ino, file: Arc<FileState> },
-    Dir { ino: Ino, entries: Option<Arc<Vec<DirEntry>>> },
+    File {
+        ino: Ino,
+        file: Arc<FileState>,
+    },
+    Dir {
+        ino: Ino,
+        entries: Option<Arc<Vec<DirEntry>>>,
+    },
 }
 
 impl Fs {
@@ -127,7 +136,10 @@ impl Fs {
     pub fn new(store: Store, opts: FsOptions) -> Result<Fs> {
         for ino in store.orphans().fs()? {
             store.commit(false, |tx| tx.release_orphan(ino)).fs()?;
-            tracing::info!(ino, "deleted an unlinked file left open by the previous run");
+            tracing::info!(
+                ino,
+                "deleted an unlinked file left open by the previous run"
+            );
         }
         Ok(Fs {
             store,
@@ -151,7 +163,10 @@ impl Fs {
     }
 
     fn node(&self, ino: Ino) -> Result<NodeRecord> {
-        self.store.node(ino).fs()?.ok_or_else(|| fs_err!(ENOENT, "inode {ino} does not exist"))
+        self.store
+            .node(ino)
+            .fs()?
+            .ok_or_else(|| fs_err!(ENOENT, "inode {ino} does not exist"))
     }
 
     /// Attributes of `ino`, including what is still buffered in an open file.

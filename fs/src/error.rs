@@ -18,7 +18,11 @@ pub struct FsError {
 impl FsError {
     /// An error with this errno and message.
     pub fn new(errno: i32, message: impl Into<String>) -> FsError {
-        FsError { errno, message: message.into(), source: None }
+        FsError {
+            errno,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// The errno the kernel gets.
@@ -28,7 +32,10 @@ impl FsError {
 
     /// Whether this is worth a warning: expected outcomes (ENOENT, EEXIST, ...) log at debug.
     pub fn is_serious(&self) -> bool {
-        matches!(self.errno, libc::EIO | libc::ENOSPC | libc::ENOMEM | libc::EFBIG)
+        matches!(
+            self.errno,
+            libc::EIO | libc::ENOSPC | libc::ENOMEM | libc::EFBIG
+        )
     }
 
     /// Maps a store error onto the errno POSIX prescribes for it, keeping it as the cause.
@@ -47,7 +54,11 @@ impl FsError {
             e if e.is_no_space() => libc::ENOSPC,
             _ => libc::EIO,
         };
-        FsError { errno, message: e.to_string(), source: Some(e) }
+        FsError {
+            errno,
+            message: e.to_string(),
+            source: Some(e),
+        }
     }
 }
 

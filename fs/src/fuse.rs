@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use pvfs_store::{FileKind, SetTime, Timestamp};
 use tracing::{debug, debug_span, warn};
@@ -40,7 +40,10 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { threads: 4, allow_other: true }
+        MountOptions {
+            threads: 4,
+            allow_other: true,
+        }
     }
 }
 
@@ -103,7 +106,10 @@ fn set_time(t: TimeOrNow) -> SetTime {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 fn errno(op: &str, e: &FsError) -> Errno {
@@ -135,7 +141,8 @@ impl FuseFs {
     fn offload(&self, op: impl FnOnce(&Fs) + Send + 'static) {
         let fs = self.fs.clone();
         let span = tracing::Span::current();
-        self.blocking.spawn_blocking(move || span.in_scope(|| op(&fs)));
+        self.blocking
+            .spawn_blocking(move || span.in_scope(|| op(&fs)));
     }
 }
 
@@ -179,7 +186,9 @@ impl Filesystem for FuseFs {
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             // A negative entry (node id 0): the kernel caches that the name does not exist.
-            Err(e) if e.to_errno() == libc::ENOENT => reply.entry(&TTL, &negative_attr(), Generation(0)),
+            Err(e) if e.to_errno() == libc::ENOENT => {
+                reply.entry(&TTL, &negative_attr(), Generation(0))
+            }
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
@@ -190,7 +199,8 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
-        reply_result!("getattr", reply, self.fs.getattr(ino.0), |a| reply.attr(&TTL, &file_attr(&a)));
+        reply_result!("getattr", reply, self.fs.getattr(ino.0), |a| reply
+            .attr(&TTL, &file_attr(&a)));
     }
 
     fn setattr(
@@ -223,7 +233,9 @@ impl Filesystem for FuseFs {
         let caller = caller(req);
         let commits = changes.size.is_some() || changes.mtime.is_some();
         let run = move |fs: &Fs| {
-            reply_result!("setattr", reply, fs.setattr(ino.0, &changes, caller), |a| reply.attr(&TTL, &file_attr(&a)))
+            reply_result!("setattr", reply, fs.setattr(ino.0, &changes, caller), |a| {
+                reply.attr(&TTL, &file_attr(&a))
+            })
         };
         if commits {
             // May commit buffered writes first.
@@ -235,35 +247,91 @@ impl Filesystem for FuseFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _s = debug_span!("readlink", ino = ino.0).entered();
-        reply_result!("readlink", reply, self.fs.readlink(ino.0), |t| reply.data(&t));
+        reply_result!("readlink", reply, self.fs.readlink(ino.0), |t| reply
+            .data(&t));
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("mknod", parent = parent.0, ?name, mode).entered();
-        let res = self.fs.mknod(parent.0, name.as_bytes(), mode, umask, rdev, caller(req));
-        reply_result!("mknod", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+        let res = self
+            .fs
+            .mknod(parent.0, name.as_bytes(), mode, umask, rdev, caller(req));
+        reply_result!("mknod", reply, res, |a| reply.entry(
+            &TTL,
+            &file_attr(&a),
+            Generation(0)
+        ));
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("mkdir", parent = parent.0, ?name, mode).entered();
-        let res = self.fs.mkdir(parent.0, name.as_bytes(), mode, umask, caller(req));
-        reply_result!("mkdir", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+        let res = self
+            .fs
+            .mkdir(parent.0, name.as_bytes(), mode, umask, caller(req));
+        reply_result!("mkdir", reply, res, |a| reply.entry(
+            &TTL,
+            &file_attr(&a),
+            Generation(0)
+        ));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
-        reply_result!("unlink", reply, self.fs.unlink(parent.0, name.as_bytes()), |()| reply.ok());
+        reply_result!(
+            "unlink",
+            reply,
+            self.fs.unlink(parent.0, name.as_bytes()),
+            |()| reply.ok()
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("rmdir", parent = parent.0, ?name).entered();
-        reply_result!("rmdir", reply, self.fs.rmdir(parent.0, name.as_bytes()), |()| reply.ok());
+        reply_result!(
+            "rmdir",
+            reply,
+            self.fs.rmdir(parent.0, name.as_bytes()),
+            |()| reply.ok()
+        );
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
-        let res = self.fs.symlink(parent.0, link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req));
-        reply_result!("symlink", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+        let res = self.fs.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
+        reply_result!("symlink", reply, res, |a| reply.entry(
+            &TTL,
+            &file_attr(&a),
+            Generation(0)
+        ));
     }
 
     fn rename(
@@ -276,7 +344,14 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _s = debug_span!("rename", parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
+        let _s = debug_span!(
+            "rename",
+            parent = parent.0,
+            ?name,
+            newparent = newparent.0,
+            ?newname
+        )
+        .entered();
         let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
         if !(flags - known).is_empty() {
             reply.error(Errno::EINVAL);
@@ -293,10 +368,21 @@ impl Filesystem for FuseFs {
         reply_result!("rename", reply, res, |()| reply.ok());
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
         let res = self.fs.link(ino.0, newparent.0, newname.as_bytes());
-        reply_result!("link", reply, res, |a| reply.entry(&TTL, &file_attr(&a), Generation(0)));
+        reply_result!("link", reply, res, |a| reply.entry(
+            &TTL,
+            &file_attr(&a),
+            Generation(0)
+        ));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -318,7 +404,9 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let _s = debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
-        reply_result!("read", reply, self.fs.read(fh.0, offset, size), |data| reply.data(&data));
+        reply_result!("read", reply, self.fs.read(fh.0, offset, size), |data| {
+            reply.data(&data)
+        });
     }
 
     fn write(
@@ -335,10 +423,22 @@ impl Filesystem for FuseFs {
     ) {
         let _s = debug_span!("write", ino = ino.0, fh = fh.0, offset, len = data.len()).entered();
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        reply_result!("write", reply, self.fs.write(fh.0, offset, data, kill), |n| reply.written(n));
+        reply_result!(
+            "write",
+            reply,
+            self.fs.write(fh.0, offset, data, kill),
+            |n| reply.written(n)
+        );
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let _s = debug_span!("flush", ino = ino.0, fh = fh.0).entered();
         self.offload(move |fs| reply_result!("flush", reply, fs.flush(fh.0), |()| reply.ok()));
     }
@@ -357,22 +457,42 @@ impl Filesystem for FuseFs {
         self.offload(move |fs| reply_result!("release", reply, fs.release(fh.0), |()| reply.ok()));
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let _s = debug_span!("fsync", ino = ino.0, fh = fh.0).entered();
         self.offload(move |fs| reply_result!("fsync", reply, fs.fsync(fh.0), |()| reply.ok()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("opendir", ino = ino.0).entered();
-        reply_result!("opendir", reply, self.fs.opendir(ino.0), |fh| reply.opened(FileHandle(fh), FopenFlags::empty()));
+        reply_result!("opendir", reply, self.fs.opendir(ino.0), |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()));
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let _s = debug_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
         match self.fs.readdir(fh.0, offset) {
             Ok((entries, start)) => {
                 for e in &entries[start..] {
-                    if reply.add(INodeNo(e.ino), e.next, kind(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.next,
+                        kind(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -382,14 +502,30 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let _s = debug_span!("readdirplus", ino = ino.0, fh = fh.0, offset).entered();
         match self.fs.readdir(fh.0, offset) {
             Ok((entries, start)) => {
                 for e in &entries[start..] {
                     // An entry deleted since the listing was taken is skipped.
-                    let Ok(a) = self.fs.getattr(e.ino) else { continue };
-                    if reply.add(INodeNo(e.ino), e.next, OsStr::from_bytes(&e.name), &TTL, &file_attr(&a), Generation(0)) {
+                    let Ok(a) = self.fs.getattr(e.ino) else {
+                        continue;
+                    };
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.next,
+                        OsStr::from_bytes(&e.name),
+                        &TTL,
+                        &file_attr(&a),
+                        Generation(0),
+                    ) {
                         break;
                     }
                     if !e.is_dot() {
@@ -402,12 +538,26 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let _s = debug_span!("fsyncdir", ino = ino.0).entered();
         self.offload(move |fs| reply_result!("fsyncdir", reply, fs.fsyncdir(), |()| reply.ok()));
     }
@@ -429,36 +579,69 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
-        reply_result!("setxattr", reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags), |()| reply.ok());
+        reply_result!(
+            "setxattr",
+            reply,
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+            |()| reply.ok()
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("getxattr", ino = ino.0, ?name).entered();
-        reply_result!("getxattr", reply, self.fs.getxattr(ino.0, name.as_bytes()), |v| xattr_reply(reply, &v, size));
+        reply_result!(
+            "getxattr",
+            reply,
+            self.fs.getxattr(ino.0, name.as_bytes()),
+            |v| xattr_reply(reply, &v, size)
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("listxattr", ino = ino.0).entered();
-        reply_result!("listxattr", reply, self.fs.listxattr(ino.0), |v| xattr_reply(reply, &v, size));
+        reply_result!("listxattr", reply, self.fs.listxattr(ino.0), |v| {
+            xattr_reply(reply, &v, size)
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("removexattr", ino = ino.0, ?name).entered();
-        reply_result!("removexattr", reply, self.fs.removexattr(ino.0, name.as_bytes()), |()| reply.ok());
+        reply_result!(
+            "removexattr",
+            reply,
+            self.fs.removexattr(ino.0, name.as_bytes()),
+            |()| reply.ok()
+        );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let _s = debug_span!("access", ino = ino.0).entered();
-        reply_result!("access", reply, self.fs.access(ino.0, mask.bits(), caller(req)), |()| reply.ok());
+        reply_result!(
+            "access",
+            reply,
+            self.fs.access(ino.0, mask.bits(), caller(req)),
+            |()| reply.ok()
+        );
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let _s = debug_span!("create", parent = parent.0, ?name, mode, flags).entered();
         if FileKind::from_mode(mode).is_some_and(|k| k != FileKind::File) {
             reply.error(Errno::EINVAL);
             return;
         }
-        let res = self.fs.create(parent.0, name.as_bytes(), mode, umask, caller(req));
+        let res = self
+            .fs
+            .create(parent.0, name.as_bytes(), mode, umask, caller(req));
         reply_result!("create", reply, res, |(a, fh)| reply.created(
             &TTL,
             &file_attr(&a),
@@ -468,18 +651,45 @@ impl Filesystem for FuseFs {
         ));
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let _s = debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
-        self.offload(move |fs| reply_result!("fallocate", reply, fs.fallocate(fh.0, offset, length, mode), |()| reply.ok()));
+        self.offload(move |fs| {
+            reply_result!(
+                "fallocate",
+                reply,
+                fs.fallocate(fh.0, offset, length, mode),
+                |()| reply.ok()
+            )
+        });
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let _s = debug_span!("lseek", ino = ino.0, offset, whence).entered();
         let Ok(offset) = u64::try_from(offset) else {
             reply.error(Errno::EINVAL);
             return;
         };
-        self.offload(move |fs| reply_result!("lseek", reply, fs.lseek(fh.0, offset, whence), |o| reply.offset(o as i64)));
+        self.offload(move |fs| {
+            reply_result!("lseek", reply, fs.lseek(fh.0, offset, whence), |o| reply
+                .offset(o as i64))
+        });
     }
 
     fn copy_file_range(
@@ -495,7 +705,15 @@ impl Filesystem for FuseFs {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _s = debug_span!("copy_file_range", ino_in = ino_in.0, ino_out = ino_out.0, offset_in, offset_out, len).entered();
+        let _s = debug_span!(
+            "copy_file_range",
+            ino_in = ino_in.0,
+            ino_out = ino_out.0,
+            offset_in,
+            offset_out,
+            len
+        )
+        .entered();
         if !flags.is_empty() {
             reply.error(Errno::EINVAL);
             return;
@@ -537,7 +755,12 @@ impl Unmounter {
 
 impl Mount {
     /// Mounts `fs` at `mountpoint` (with `default_permissions`, and `allow_other` if asked).
-    pub fn new(fs: Arc<Fs>, mountpoint: &Path, opts: &MountOptions, blocking: tokio::runtime::Handle) -> io::Result<Mount> {
+    pub fn new(
+        fs: Arc<Fs>,
+        mountpoint: &Path,
+        opts: &MountOptions,
+        blocking: tokio::runtime::Handle,
+    ) -> io::Result<Mount> {
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName("pvfs".into()),
@@ -553,7 +776,10 @@ impl Mount {
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = std::env::var_os("PVFS_NO_CLONE_FD").is_none();
         let session = fuser::Session::new(FuseFs::new(fs, blocking), mountpoint, &config)?;
-        Ok(Mount { session, threads: opts.threads })
+        Ok(Mount {
+            session,
+            threads: opts.threads,
+        })
     }
 
     /// A handle that unmounts this session.

@@ -14,14 +14,40 @@ const ROOT: Caller = Caller { uid: 0, gid: 0 };
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { dir: usize, name: usize },
-    Mkdir { dir: usize, name: usize },
-    Write { file: usize, off: u32, len: u32, byte: u8 },
-    Truncate { file: usize, size: u32 },
-    Rename { from: usize, dir: usize, name: usize },
-    Unlink { path: usize },
-    Rmdir { path: usize },
-    Link { file: usize, dir: usize, name: usize },
+    Create {
+        dir: usize,
+        name: usize,
+    },
+    Mkdir {
+        dir: usize,
+        name: usize,
+    },
+    Write {
+        file: usize,
+        off: u32,
+        len: u32,
+        byte: u8,
+    },
+    Truncate {
+        file: usize,
+        size: u32,
+    },
+    Rename {
+        from: usize,
+        dir: usize,
+        name: usize,
+    },
+    Unlink {
+        path: usize,
+    },
+    Rmdir {
+        path: usize,
+    },
+    Link {
+        file: usize,
+        dir: usize,
+        name: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -29,13 +55,27 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (any::<usize>(), n.clone()).prop_map(|(dir, name)| Op::Create { dir, name }),
         (any::<usize>(), n.clone()).prop_map(|(dir, name)| Op::Mkdir { dir, name }),
-        (any::<usize>(), 0..400_000u32, 1..200_000u32, any::<u8>())
-            .prop_map(|(file, off, len, byte)| Op::Write { file, off, len, byte }),
+        (any::<usize>(), 0..400_000u32, 1..200_000u32, any::<u8>()).prop_map(
+            |(file, off, len, byte)| Op::Write {
+                file,
+                off,
+                len,
+                byte
+            }
+        ),
         (any::<usize>(), 0..400_000u32).prop_map(|(file, size)| Op::Truncate { file, size }),
-        (any::<usize>(), any::<usize>(), n.clone()).prop_map(|(from, dir, name)| Op::Rename { from, dir, name }),
+        (any::<usize>(), any::<usize>(), n.clone()).prop_map(|(from, dir, name)| Op::Rename {
+            from,
+            dir,
+            name
+        }),
         any::<usize>().prop_map(|path| Op::Unlink { path }),
         any::<usize>().prop_map(|path| Op::Rmdir { path }),
-        (any::<usize>(), any::<usize>(), n).prop_map(|(file, dir, name)| Op::Link { file, dir, name }),
+        (any::<usize>(), any::<usize>(), n).prop_map(|(file, dir, name)| Op::Link {
+            file,
+            dir,
+            name
+        }),
     ]
 }
 
@@ -58,17 +98,30 @@ struct Model {
 impl Model {
     fn dirs(&self) -> Vec<Path> {
         let mut v = vec![Vec::new()];
-        v.extend(self.entries.iter().filter(|(_, e)| **e == Entry::Dir).map(|(p, _)| p.clone()));
+        v.extend(
+            self.entries
+                .iter()
+                .filter(|(_, e)| **e == Entry::Dir)
+                .map(|(p, _)| p.clone()),
+        );
         v
     }
     fn files(&self) -> Vec<Path> {
-        self.entries.iter().filter(|(_, e)| matches!(e, Entry::File(_))).map(|(p, _)| p.clone()).collect()
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::File(_)))
+            .map(|(p, _)| p.clone())
+            .collect()
     }
     fn paths(&self) -> Vec<Path> {
         self.entries.keys().cloned().collect()
     }
     fn children(&self, dir: &Path) -> Vec<Path> {
-        self.entries.keys().filter(|p| p.len() == dir.len() + 1 && p.starts_with(dir)).cloned().collect()
+        self.entries
+            .keys()
+            .filter(|p| p.len() == dir.len() + 1 && p.starts_with(dir))
+            .cloned()
+            .collect()
     }
     fn create(&mut self, p: Path, e: Entry) -> Result<(), i32> {
         if self.entries.contains_key(&p) {
@@ -94,7 +147,9 @@ impl Model {
             match (&src, &dst) {
                 (Entry::Dir, Entry::File(_)) => return Err(libc::ENOTDIR),
                 (Entry::File(_), Entry::Dir) => return Err(libc::EISDIR),
-                (Entry::Dir, Entry::Dir) if !self.children(&to).is_empty() => return Err(libc::ENOTEMPTY),
+                (Entry::Dir, Entry::Dir) if !self.children(&to).is_empty() => {
+                    return Err(libc::ENOTEMPTY)
+                }
                 (Entry::File(a), Entry::File(b)) if a == b => return Ok(()),
                 _ => {}
             }
@@ -103,8 +158,12 @@ impl Model {
                 self.drop_file(id);
             }
         }
-        let moved: Vec<(Path, Entry)> =
-            self.entries.iter().filter(|(p, _)| p.starts_with(from)).map(|(p, e)| (p.clone(), e.clone())).collect();
+        let moved: Vec<(Path, Entry)> = self
+            .entries
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
         for (p, _) in &moved {
             self.entries.remove(p);
         }
@@ -125,7 +184,11 @@ impl Real {
     fn resolve(&self, p: &Path) -> Result<Ino, i32> {
         let mut ino = ROOT_INO;
         for name in p {
-            ino = self.fs.lookup(ino, name.as_bytes()).map_err(|e| e.to_errno())?.ino;
+            ino = self
+                .fs
+                .lookup(ino, name.as_bytes())
+                .map_err(|e| e.to_errno())?
+                .ino;
         }
         Ok(ino)
     }
@@ -136,9 +199,16 @@ impl Real {
     fn write(&self, p: &Path, off: u64, data: &[u8]) -> Result<(), i32> {
         let ino = self.resolve(p)?;
         let fh = self.fs.open(ino, false).map_err(|e| e.to_errno())?;
-        let res = self.fs.write(fh, off, data, false).map(|_| ()).map_err(|e| e.to_errno());
+        let res = self
+            .fs
+            .write(fh, off, data, false)
+            .map(|_| ())
+            .map_err(|e| e.to_errno());
         // Read back through the same handle before the buffer is committed.
-        let back = self.fs.read(fh, off, data.len() as u32).map_err(|e| e.to_errno())?;
+        let back = self
+            .fs
+            .read(fh, off, data.len() as u32)
+            .map_err(|e| e.to_errno())?;
         assert_eq!(back, data, "read-your-writes through the buffer");
         self.fs.release(fh).map_err(|e| e.to_errno())?;
         res
@@ -186,14 +256,27 @@ fn apply(model: &mut Model, real: &Real, op: &Op) {
             let got = if is_dir {
                 real.fs.mkdir(parent, n, 0o755, 0, ROOT).map(|_| ())
             } else {
-                real.fs.create(parent, n, 0o644, 0, ROOT).and_then(|(_, fh)| real.fs.release(fh))
+                real.fs
+                    .create(parent, n, 0o644, 0, ROOT)
+                    .and_then(|(_, fh)| real.fs.release(fh))
             };
             (want, got.map_err(|e| e.to_errno()))
         }
-        Op::Write { file, off, len, byte } => {
-            let Some(p) = pick(&model.files(), *file) else { return };
-            let Some(Entry::File(id)) = model.entries.get(&p).cloned() else { unreachable!() };
-            let data: Vec<u8> = (0..*len).map(|i| byte.wrapping_add((i / 7919) as u8)).collect();
+        Op::Write {
+            file,
+            off,
+            len,
+            byte,
+        } => {
+            let Some(p) = pick(&model.files(), *file) else {
+                return;
+            };
+            let Some(Entry::File(id)) = model.entries.get(&p).cloned() else {
+                unreachable!()
+            };
+            let data: Vec<u8> = (0..*len)
+                .map(|i| byte.wrapping_add((i / 7919) as u8))
+                .collect();
             let f = model.files.get_mut(&id).expect("file");
             let end = *off as usize + data.len();
             if f.len() < end {
@@ -203,23 +286,47 @@ fn apply(model: &mut Model, real: &Real, op: &Op) {
             (Ok(()), real.write(&p, u64::from(*off), &data))
         }
         Op::Truncate { file, size } => {
-            let Some(p) = pick(&model.files(), *file) else { return };
-            let Some(Entry::File(id)) = model.entries.get(&p).cloned() else { unreachable!() };
-            model.files.get_mut(&id).expect("file").resize(*size as usize, 0);
+            let Some(p) = pick(&model.files(), *file) else {
+                return;
+            };
+            let Some(Entry::File(id)) = model.entries.get(&p).cloned() else {
+                unreachable!()
+            };
+            model
+                .files
+                .get_mut(&id)
+                .expect("file")
+                .resize(*size as usize, 0);
             let ino = real.resolve(&p).expect("resolve");
-            let req = SetAttrRequest { size: Some(u64::from(*size)), ..Default::default() };
-            (Ok(()), real.fs.setattr(ino, &req, ROOT).map(|_| ()).map_err(|e| e.to_errno()))
+            let req = SetAttrRequest {
+                size: Some(u64::from(*size)),
+                ..Default::default()
+            };
+            (
+                Ok(()),
+                real.fs
+                    .setattr(ino, &req, ROOT)
+                    .map(|_| ())
+                    .map_err(|e| e.to_errno()),
+            )
         }
         Op::Rename { from, dir, name } => {
-            let Some(src) = pick(&model.paths(), *from) else { return };
+            let Some(src) = pick(&model.paths(), *from) else {
+                return;
+            };
             let dst = join(&pick(&model.dirs(), *dir).expect("root"), *name);
             let (sp, sn) = real.parent_and_name(&src).expect("src parent");
             let (dp, dn) = real.parent_and_name(&dst).expect("dst parent");
-            let got = real.fs.rename(sp, sn, dp, dn, false, false).map_err(|e| e.to_errno());
+            let got = real
+                .fs
+                .rename(sp, sn, dp, dn, false, false)
+                .map_err(|e| e.to_errno());
             (model.rename(&src, dst), got)
         }
         Op::Unlink { path } | Op::Rmdir { path } => {
-            let Some(p) = pick(&model.paths(), *path) else { return };
+            let Some(p) = pick(&model.paths(), *path) else {
+                return;
+            };
             let is_rmdir = matches!(op, Op::Rmdir { .. });
             let want = match (model.entries.get(&p).cloned().expect("entry"), is_rmdir) {
                 (Entry::Dir, false) => Err(libc::EISDIR),
@@ -234,17 +341,29 @@ fn apply(model: &mut Model, real: &Real, op: &Op) {
                 }
             };
             let (parent, n) = real.parent_and_name(&p).expect("parent");
-            let got = if is_rmdir { real.fs.rmdir(parent, n) } else { real.fs.unlink(parent, n) };
+            let got = if is_rmdir {
+                real.fs.rmdir(parent, n)
+            } else {
+                real.fs.unlink(parent, n)
+            };
             (want, got.map_err(|e| e.to_errno()))
         }
         Op::Link { file, dir, name } => {
-            let Some(src) = pick(&model.files(), *file) else { return };
+            let Some(src) = pick(&model.files(), *file) else {
+                return;
+            };
             let dst = join(&pick(&model.dirs(), *dir).expect("root"), *name);
             let e = model.entries.get(&src).cloned().expect("entry");
             let want = model.create(dst.clone(), e);
             let ino = real.resolve(&src).expect("resolve");
             let (dp, dn) = real.parent_and_name(&dst).expect("dst parent");
-            (want, real.fs.link(ino, dp, dn).map(|_| ()).map_err(|e| e.to_errno()))
+            (
+                want,
+                real.fs
+                    .link(ino, dp, dn)
+                    .map(|_| ())
+                    .map_err(|e| e.to_errno()),
+            )
         }
     };
     assert_eq!(got, want, "{op:?}");
@@ -271,9 +390,22 @@ fn compare_trees(model: &Model, real: &Real) {
                 Some(Entry::File(id)) => {
                     assert_eq!(e.kind, FileKind::File, "{p:?}");
                     let got = real.read_all(e.ino);
-                    assert!(got == model.files[id], "{p:?}: content differs ({} vs {} bytes)", got.len(), model.files[id].len());
-                    let links = model.entries.values().filter(|x| **x == Entry::File(*id)).count();
-                    assert_eq!(real.fs.getattr(e.ino).expect("attr").nlink as usize, links, "{p:?} nlink");
+                    assert!(
+                        got == model.files[id],
+                        "{p:?}: content differs ({} vs {} bytes)",
+                        got.len(),
+                        model.files[id].len()
+                    );
+                    let links = model
+                        .entries
+                        .values()
+                        .filter(|x| **x == Entry::File(*id))
+                        .count();
+                    assert_eq!(
+                        real.fs.getattr(e.ino).expect("attr").nlink as usize,
+                        links,
+                        "{p:?} nlink"
+                    );
                 }
                 None => panic!("{p:?} exists but the model has no such entry"),
             }
@@ -285,7 +417,10 @@ fn compare_trees(model: &Model, real: &Real) {
 }
 
 fn small_buffers() -> FsOptions {
-    FsOptions { commit_threshold: 64 << 10, dirty_limit: 256 << 10 }
+    FsOptions {
+        commit_threshold: 64 << 10,
+        dirty_limit: 256 << 10,
+    }
 }
 
 proptest! {

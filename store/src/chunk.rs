@@ -90,11 +90,15 @@ pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
             let out = zstd::bulk::decompress(&stored[1..], len)
                 .map_err(|e| StoreError::corrupt(format!("chunk does not decompress: {e}")))?;
             if out.len() != len {
-                return Err(StoreError::corrupt("decompressed chunk has the wrong length"));
+                return Err(StoreError::corrupt(
+                    "decompressed chunk has the wrong length",
+                ));
             }
             Ok(Bytes::from(out))
         }
-        _ => Err(StoreError::corrupt("chunk has an unknown encoding or the wrong length")),
+        _ => Err(StoreError::corrupt(
+            "chunk has an unknown encoding or the wrong length",
+        )),
     }
 }
 
@@ -102,7 +106,10 @@ pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
 pub(crate) fn decode_verified(id: &ChunkId, stored: Vec<u8>, len: usize) -> Result<Bytes> {
     let plain = decode_owned(stored, len)?;
     if ChunkId::of(&plain) != *id {
-        return Err(StoreError::corrupt(format!("chunk {} fails its hash check", id.fmt_short())));
+        return Err(StoreError::corrupt(format!(
+            "chunk {} fails its hash check",
+            id.fmt_short()
+        )));
     }
     Ok(plain)
 }
@@ -152,7 +159,10 @@ mod tests {
         let text = b"hello pvfs ".repeat(10_000);
         let enc = encode(&text);
         assert!(enc.len() < text.len() / 4);
-        assert_eq!(decode_verified(&ChunkId::of(&text), enc, text.len()).unwrap(), text);
+        assert_eq!(
+            decode_verified(&ChunkId::of(&text), enc, text.len()).unwrap(),
+            text
+        );
         let rnd = random(64 << 10, 3);
         let enc = encode(&rnd);
         assert_eq!(enc.len(), rnd.len() + 1);

@@ -69,7 +69,12 @@ impl<'a> Txn<'a> {
         Ok(created)
     }
 
-    fn put_piece(&mut self, ino: Ino, off: u64, piece: &[u8]) -> Result<Option<(u64, ChunkId, u32)>> {
+    fn put_piece(
+        &mut self,
+        ino: Ino,
+        off: u64,
+        piece: &[u8],
+    ) -> Result<Option<(u64, ChunkId, u32)>> {
         if is_zero(piece) {
             return Ok(None);
         }
@@ -120,19 +125,25 @@ impl<'a> Txn<'a> {
         let old = self.extents(ino, start, end)?;
         if let Some((off, _)) = old.first() {
             if *off < start {
-                return Err(StoreError::Invalid(format!("edit of inode {ino} starts inside an extent")));
+                return Err(StoreError::Invalid(format!(
+                    "edit of inode {ino} starts inside an extent"
+                )));
             }
         }
         if let Some((off, e)) = old.last() {
             if off + u64::from(e.len) > end {
-                return Err(StoreError::Invalid(format!("edit of inode {ino} ends inside an extent")));
+                return Err(StoreError::Invalid(format!(
+                    "edit of inode {ino} ends inside an extent"
+                )));
             }
         }
         let mut pos = start;
         for x in new {
             let len = x.chunk.plain.len() as u64;
             if x.offset < pos || x.offset + len > end {
-                return Err(StoreError::Invalid("new extents overlap or leave the edited range".into()));
+                return Err(StoreError::Invalid(
+                    "new extents overlap or leave the edited range".into(),
+                ));
             }
             pos = x.offset + len;
         }
@@ -146,7 +157,14 @@ impl<'a> Txn<'a> {
         let mut extents = Vec::with_capacity(new.len());
         for x in new {
             let len = x.chunk.plain.len() as u32;
-            self.put_extent(ino, x.offset, ExtentRecord { chunk: x.chunk.id, len });
+            self.put_extent(
+                ino,
+                x.offset,
+                ExtentRecord {
+                    chunk: x.chunk.id,
+                    len,
+                },
+            );
             extents.push((x.offset, x.chunk.id, len));
         }
         if size < n.size {
@@ -160,7 +178,11 @@ impl<'a> Txn<'a> {
     pub fn truncate(&mut self, ino: Ino, size: u64) -> Result<NodeRecord> {
         let mut n = self.file_req(ino)?;
         let old = n.size;
-        let extents = if size < old { self.zero_range(ino, size, u64::MAX)? } else { Vec::new() };
+        let extents = if size < old {
+            self.zero_range(ino, size, u64::MAX)?
+        } else {
+            Vec::new()
+        };
         self.set_size(&mut n, size);
         let now = self.now();
         self.content_changed(ino, n, (size.min(old), size.max(old)), extents, now);
@@ -196,7 +218,14 @@ impl<'a> Txn<'a> {
     /// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`, sharing whole chunks
     /// instead of copying their bytes. Returns the number of bytes copied (short at the end of
     /// the source).
-    pub fn copy_range(&mut self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> Result<u64> {
+    pub fn copy_range(
+        &mut self,
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<u64> {
         let s = self.file_req(src)?;
         let mut d = self.file_req(dst)?;
         let len = len.min(s.size.saturating_sub(src_off));
@@ -204,7 +233,9 @@ impl<'a> Txn<'a> {
             return Ok(0);
         }
         let src_end = src_off + len;
-        let dst_end = dst_off.checked_add(len).ok_or_else(|| StoreError::Invalid("offset overflow".into()))?;
+        let dst_end = dst_off
+            .checked_add(len)
+            .ok_or_else(|| StoreError::Invalid("offset overflow".into()))?;
         // Collect the pieces first: source and destination may be the same file.
         let mut shared: Vec<(u64, ExtentRecord)> = Vec::new();
         let mut partial: Vec<(u64, PreparedChunk)> = Vec::new();
@@ -218,7 +249,10 @@ impl<'a> Txn<'a> {
                 let a = (off.max(src_off) - off) as usize;
                 let b = (end.min(src_end) - off) as usize;
                 if !is_zero(&plain[a..b]) {
-                    partial.push((to, PreparedChunk::new(Bytes::copy_from_slice(&plain[a..b]), false)));
+                    partial.push((
+                        to,
+                        PreparedChunk::new(Bytes::copy_from_slice(&plain[a..b]), false),
+                    ));
                 }
             }
         }

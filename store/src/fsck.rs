@@ -13,7 +13,9 @@ use serde::Serialize;
 use crate::chunk;
 use crate::error::Result;
 use crate::kv::{Cf, ReadView};
-use crate::records::{self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, RefRecord, StatsRecord};
+use crate::records::{
+    self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, RefRecord, StatsRecord,
+};
 use crate::store::Store;
 use crate::types::{ChunkId, FileKind, Ino, ROOT_INO};
 
@@ -81,7 +83,9 @@ impl Store {
                             stats.files += 1;
                             stats.logical_bytes += n.size;
                         }
-                        FileKind::Symlink if n.target.as_ref().is_none_or(|t| t.len() as u64 != n.size) => {
+                        FileKind::Symlink
+                            if n.target.as_ref().is_none_or(|t| t.len() as u64 != n.size) =>
+                        {
                             r.problem(format!("symlink {ino}: target missing or size wrong"));
                         }
                         _ => {}
@@ -124,23 +128,40 @@ impl Store {
                 }
             };
             if crate::ns::validate_name(name).is_err() {
-                r.problem(format!("dirent in {parent}: invalid name {:?}", String::from_utf8_lossy(name)));
+                r.problem(format!(
+                    "dirent in {parent}: invalid name {:?}",
+                    String::from_utf8_lossy(name)
+                ));
             }
             match nodes.get(&parent) {
                 Some(p) if p.kind == FileKind::Dir => {}
-                _ => r.problem(format!("dirent {:?} in {parent}: parent is not a directory", String::from_utf8_lossy(name))),
+                _ => r.problem(format!(
+                    "dirent {:?} in {parent}: parent is not a directory",
+                    String::from_utf8_lossy(name)
+                )),
             }
             let Some(child) = nodes.get(&d.ino) else {
-                r.problem(format!("dirent {:?} in {parent}: points at missing node {}", String::from_utf8_lossy(name), d.ino));
+                r.problem(format!(
+                    "dirent {:?} in {parent}: points at missing node {}",
+                    String::from_utf8_lossy(name),
+                    d.ino
+                ));
                 continue;
             };
             if child.kind != d.kind {
-                r.problem(format!("dirent {:?} in {parent}: kind differs from node {}", String::from_utf8_lossy(name), d.ino));
+                r.problem(format!(
+                    "dirent {:?} in {parent}: kind differs from node {}",
+                    String::from_utf8_lossy(name),
+                    d.ino
+                ));
             }
             if child.kind == FileKind::Dir {
                 *subdirs.entry(parent).or_default() += 1;
                 if child.parent != parent {
-                    r.problem(format!("directory {}: parent pointer {} but named in {parent}", d.ino, child.parent));
+                    r.problem(format!(
+                        "directory {}: parent pointer {} but named in {parent}",
+                        d.ino, child.parent
+                    ));
                 }
             }
             *names.entry(d.ino).or_default() += 1;
@@ -156,7 +177,10 @@ impl Store {
             if n.kind == FileKind::Dir {
                 let want = 2 + subdirs.get(&ino).copied().unwrap_or(0);
                 if n.nlink != want {
-                    r.problem(format!("directory {ino}: nlink {} but {} expected", n.nlink, want));
+                    r.problem(format!(
+                        "directory {ino}: nlink {} but {} expected",
+                        n.nlink, want
+                    ));
                 }
                 let want_names = if ino == ROOT_INO { 0 } else { 1 };
                 if count != want_names {
@@ -170,7 +194,9 @@ impl Store {
         }
         for &o in &orphans {
             if nodes.get(&o).is_none_or(|n| n.nlink != 0) {
-                r.problem(format!("orphan mark on {o}, which is missing or still named"));
+                r.problem(format!(
+                    "orphan mark on {o}, which is missing or still named"
+                ));
             }
         }
         // Reachability from the root; a directory seen twice means a cycle or a second name.
@@ -189,7 +215,7 @@ impl Store {
                 }
             }
         }
-        for (&ino, _) in &nodes {
+        for &ino in nodes.keys() {
             if !seen.contains(&ino) && !orphans.contains(&ino) {
                 r.problem(format!("node {ino} is not reachable from the root"));
             }
@@ -215,7 +241,10 @@ impl Store {
             match nodes.get(&ino) {
                 Some(n) if n.kind == FileKind::File => {
                     if end > n.size {
-                        r.problem(format!("extent {ino}@{off}+{} beyond size {}", e.len, n.size));
+                        r.problem(format!(
+                            "extent {ino}@{off}+{} beyond size {}",
+                            e.len, n.size
+                        ));
                     }
                 }
                 _ => r.problem(format!("extent {ino}@{off} of a missing or non-file node")),
@@ -243,7 +272,12 @@ impl Store {
                 Ok(rec) => {
                     let want = counted.get(&id).copied().unwrap_or(0);
                     if rec.count != want {
-                        r.problem(format!("chunk {}: refcount {} but {} references", id.fmt_short(), rec.count, want));
+                        r.problem(format!(
+                            "chunk {}: refcount {} but {} references",
+                            id.fmt_short(),
+                            rec.count,
+                            want
+                        ));
                     }
                     stats.chunks += 1;
                     stats.chunk_bytes += u64::from(rec.len);
@@ -255,7 +289,10 @@ impl Store {
         }
         for id in counted.keys() {
             if !refs.contains_key(id) {
-                r.problem(format!("chunk {} is referenced but has no refs entry", id.fmt_short()));
+                r.problem(format!(
+                    "chunk {} is referenced but has no refs entry",
+                    id.fmt_short()
+                ));
             }
         }
         let mut staged: HashSet<ChunkId> = HashSet::new();
@@ -279,13 +316,21 @@ impl Store {
             };
             let Some(rec) = refs.get(&id) else {
                 if !staged.contains(&id) {
-                    r.problem(format!("chunk {} is stored but unreferenced (garbage)", id.fmt_short()));
+                    r.problem(format!(
+                        "chunk {} is stored but unreferenced (garbage)",
+                        id.fmt_short()
+                    ));
                 }
                 data_seen -= 1;
                 continue;
             };
             if v.len() != rec.stored as usize {
-                r.problem(format!("chunk {}: stored length {} but {} recorded", id.fmt_short(), v.len(), rec.stored));
+                r.problem(format!(
+                    "chunk {}: stored length {} but {} recorded",
+                    id.fmt_short(),
+                    v.len(),
+                    rec.stored
+                ));
             }
             match chunk::decode_verified(&id, v, rec.len as usize) {
                 Ok(plain) => {
@@ -296,7 +341,11 @@ impl Store {
             }
         }
         if data_seen != refs.len() as u64 {
-            r.problem(format!("{} refs entries but {} stored chunks", refs.len(), data_seen));
+            r.problem(format!(
+                "{} refs entries but {} stored chunks",
+                refs.len(),
+                data_seen
+            ));
         }
 
         // Extended attributes belong to nodes.
@@ -322,7 +371,10 @@ impl Store {
                     }
                     if op.id.device == device {
                         if op.id.seq != expect {
-                            r.problem(format!("op log gap: seq {} where {expect} expected", op.id.seq));
+                            r.problem(format!(
+                                "op log gap: seq {} where {expect} expected",
+                                op.id.seq
+                            ));
                         }
                         expect = op.id.seq + 1;
                     }
@@ -331,7 +383,10 @@ impl Store {
             }
         }
         if next_seq != Some(expect) {
-            r.problem(format!("op log ends at {} but the counter says {next_seq:?}", expect - 1));
+            r.problem(format!(
+                "op log ends at {} but the counter says {next_seq:?}",
+                expect - 1
+            ));
         }
         match view.get(Cf::Meta, key::META_STATS)? {
             Some(b) => {
@@ -352,5 +407,7 @@ impl Store {
 }
 
 fn meta(view: &dyn ReadView, k: &[u8]) -> Result<Option<u64>> {
-    Ok(view.get(Cf::Meta, k)?.and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+    Ok(view
+        .get(Cf::Meta, k)?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
 }

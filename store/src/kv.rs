@@ -110,8 +110,11 @@ pub(crate) trait Backend: ReadView + Send + Sync {
 /// Ascending scan restricted to keys starting with `prefix`.
 pub(crate) fn scan_prefix<'a>(view: &'a dyn ReadView, cf: Cf, prefix: &[u8]) -> Scan<'a> {
     let prefix = prefix.to_vec();
-    Box::new(view.scan_from(cf, &prefix.clone()).take_while(move |r| match r {
-        Ok((k, _)) => k.starts_with(&prefix),
-        Err(_) => true,
-    }))
+    Box::new(
+        view.scan_from(cf, &prefix.clone())
+            .take_while(move |r| match r {
+                Ok((k, _)) => k.starts_with(&prefix),
+                Err(_) => true,
+            }),
+    )
 }

@@ -27,8 +27,13 @@ pub use content::{is_zero, NewExtent};
 pub use error::{Result, StoreError};
 pub use fsck::FsckReport;
 pub use kv::rocks::RocksOptions;
-pub use ns::{validate_name, NewNode, RenameFlags, SetAttrs, SetTime, XattrMode, LINK_MAX, NAME_MAX, SYMLINK_MAX, XATTR_VALUE_MAX};
+pub use ns::{
+    validate_name, NewNode, RenameFlags, SetAttrs, SetTime, XattrMode, LINK_MAX, NAME_MAX,
+    SYMLINK_MAX, XATTR_VALUE_MAX,
+};
 pub use records::{DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, StatsRecord};
 pub use store::{RootOwner, SpaceInfo, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
-pub use types::{random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO};
+pub use types::{
+    random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO,
+};

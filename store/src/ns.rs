@@ -7,10 +7,10 @@
 //! beyond deleting a node's extents when the node goes.
 
 use crate::error::{Result, StoreError};
+use crate::kv::Cf;
 use crate::records::{key, DirentRecord, NodeRecord, OpKind};
 use crate::txn::Txn;
 use crate::types::{FileKind, Ino, NodeId, Timestamp, ROOT_INO};
-use crate::kv::Cf;
 
 /// Longest name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -27,8 +27,11 @@ pub fn validate_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {
         return Err(StoreError::NameTooLong(name.len()));
     }
-    if name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == b'/' || b == 0) {
-        return Err(StoreError::InvalidName(String::from_utf8_lossy(name).into_owned()));
+    if name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == b'/' || b == 0)
+    {
+        return Err(StoreError::InvalidName(
+            String::from_utf8_lossy(name).into_owned(),
+        ));
     }
     Ok(())
 }
@@ -127,7 +130,9 @@ impl<'a> Txn<'a> {
         validate_name(name)?;
         let p = self.dir_req(parent)?;
         if self.dirent(parent, name)?.is_some() {
-            return Err(StoreError::AlreadyExists(String::from_utf8_lossy(name).into_owned()));
+            return Err(StoreError::AlreadyExists(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
         }
         if let Some(t) = &new.target {
             if t.is_empty() || t.len() > SYMLINK_MAX || t.contains(&0) {
@@ -156,7 +161,14 @@ impl<'a> Txn<'a> {
         };
         self.put_node(ino, &rec);
         self.map_id(rec.id, ino);
-        self.put_dirent(parent, name, DirentRecord { ino, kind: new.kind });
+        self.put_dirent(
+            parent,
+            name,
+            DirentRecord {
+                ino,
+                kind: new.kind,
+            },
+        );
         self.touch_dir(parent, if is_dir { 1 } else { 0 })?;
         let s = &mut self.state.stats;
         s.nodes += 1;
@@ -189,13 +201,17 @@ impl<'a> Txn<'a> {
             return Err(StoreError::Invalid("hard link to a directory".into()));
         }
         if n.nlink == 0 {
-            return Err(StoreError::NotFound(format!("inode {ino} has no names left")));
+            return Err(StoreError::NotFound(format!(
+                "inode {ino} has no names left"
+            )));
         }
         if n.nlink >= LINK_MAX {
             return Err(StoreError::TooManyLinks);
         }
         if self.dirent(parent, name)?.is_some() {
-            return Err(StoreError::AlreadyExists(String::from_utf8_lossy(name).into_owned()));
+            return Err(StoreError::AlreadyExists(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
         }
         n.nlink += 1;
         n.ctime = self.now();
@@ -203,7 +219,12 @@ impl<'a> Txn<'a> {
         self.put_dirent(parent, name, DirentRecord { ino, kind: n.kind });
         self.touch_dir(parent, 0)?;
         let time = self.now();
-        self.record(OpKind::Link { node: n.id, parent: p.id, name: name.to_vec(), time });
+        self.record(OpKind::Link {
+            node: n.id,
+            parent: p.id,
+            name: name.to_vec(),
+            time,
+        });
         Ok(n)
     }
 
@@ -259,7 +280,9 @@ impl<'a> Txn<'a> {
 
     /// Deletes an orphan (a node with no names) once its last handle is closed.
     pub fn release_orphan(&mut self, ino: Ino) -> Result<bool> {
-        let Some(n) = self.node(ino)? else { return Ok(false) };
+        let Some(n) = self.node(ino)? else {
+            return Ok(false);
+        };
         if n.nlink > 0 || n.kind == FileKind::Dir {
             return Ok(false);
         }
@@ -268,7 +291,12 @@ impl<'a> Txn<'a> {
     }
 
     /// Removes the non-directory `name` from `parent`. Returns the ino it named.
-    pub fn unlink(&mut self, parent: Ino, name: &[u8], is_open: &dyn Fn(Ino) -> bool) -> Result<Ino> {
+    pub fn unlink(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<Ino> {
         let p = self.dir_req(parent)?;
         let d = self.dirent_req(parent, name)?;
         if d.kind == FileKind::Dir {
@@ -279,7 +307,12 @@ impl<'a> Txn<'a> {
         self.drop_name(d.ino, is_open)?;
         self.touch_dir(parent, 0)?;
         let time = self.now();
-        self.record(OpKind::Unlink { node, parent: p.id, name: name.to_vec(), time });
+        self.record(OpKind::Unlink {
+            node,
+            parent: p.id,
+            name: name.to_vec(),
+            time,
+        });
         Ok(d.ino)
     }
 
@@ -304,12 +337,19 @@ impl<'a> Txn<'a> {
         self.drop_name(d.ino, &|_| false)?;
         self.touch_dir(parent, -1)?;
         let time = self.now();
-        self.record(OpKind::Unlink { node, parent: p.id, name: name.to_vec(), time });
+        self.record(OpKind::Unlink {
+            node,
+            parent: p.id,
+            name: name.to_vec(),
+            time,
+        });
         Ok(d.ino)
     }
 
     fn dir_is_empty(&self, ino: Ino) -> Result<bool> {
-        Ok(self.scan(Cf::Dirents, &key::ino(ino), &key::ino(ino + 1), 1)?.is_empty())
+        Ok(self
+            .scan(Cf::Dirents, &key::ino(ino), &key::ino(ino + 1), 1)?
+            .is_empty())
     }
 
     /// True if `dir` is `ancestor` or lies below it.
@@ -324,7 +364,9 @@ impl<'a> Txn<'a> {
             }
             dir = self.node_req(dir)?.parent;
         }
-        Err(StoreError::corrupt("directory parent chain does not reach the root"))
+        Err(StoreError::corrupt(
+            "directory parent chain does not reach the root",
+        ))
     }
 
     /// Renames `(sp, sn)` to `(dp, dn)` with POSIX semantics and the Linux flags.
@@ -348,10 +390,15 @@ impl<'a> Txn<'a> {
         let src_id = self.node_id(src.ino)?;
         let src_is_dir = src.kind == FileKind::Dir;
         if flags.exchange {
-            let dst = dst.ok_or_else(|| StoreError::NotFound(String::from_utf8_lossy(dn).into_owned()))?;
+            let dst =
+                dst.ok_or_else(|| StoreError::NotFound(String::from_utf8_lossy(dn).into_owned()))?;
             let dst_is_dir = dst.kind == FileKind::Dir;
-            if (src_is_dir && self.is_within(dp, src.ino)?) || (dst_is_dir && self.is_within(sp, dst.ino)?) {
-                return Err(StoreError::Invalid("a directory cannot move below itself".into()));
+            if (src_is_dir && self.is_within(dp, src.ino)?)
+                || (dst_is_dir && self.is_within(sp, dst.ino)?)
+            {
+                return Err(StoreError::Invalid(
+                    "a directory cannot move below itself".into(),
+                ));
             }
             let dst_id = self.node_id(dst.ino)?;
             self.put_dirent(sp, sn, dst);
@@ -386,12 +433,16 @@ impl<'a> Txn<'a> {
         }
         // Like Linux: moving a directory below itself is EINVAL before anything else.
         if src_is_dir && self.is_within(dp, src.ino)? {
-            return Err(StoreError::Invalid("a directory cannot move below itself".into()));
+            return Err(StoreError::Invalid(
+                "a directory cannot move below itself".into(),
+            ));
         }
         let mut replaced = None;
         if let Some(dst) = dst {
             if flags.noreplace {
-                return Err(StoreError::AlreadyExists(String::from_utf8_lossy(dn).into_owned()));
+                return Err(StoreError::AlreadyExists(
+                    String::from_utf8_lossy(dn).into_owned(),
+                ));
             }
             if dst.ino == src.ino {
                 // Two names of one node: POSIX says rename does nothing.
@@ -483,7 +534,13 @@ impl<'a> Txn<'a> {
     }
 
     /// Sets an extended attribute.
-    pub fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+    pub fn set_xattr(
+        &mut self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(StoreError::NameTooLong(name.len()));
         }
@@ -495,7 +552,9 @@ impl<'a> Txn<'a> {
         let exists = self.get(Cf::Xattrs, &k)?.is_some();
         match mode {
             XattrMode::Create if exists => {
-                return Err(StoreError::AlreadyExists(String::from_utf8_lossy(name).into_owned()))
+                return Err(StoreError::AlreadyExists(
+                    String::from_utf8_lossy(name).into_owned(),
+                ))
             }
             XattrMode::Replace if !exists => return Err(StoreError::NoAttribute),
             _ => {}
@@ -503,7 +562,11 @@ impl<'a> Txn<'a> {
         self.put(Cf::Xattrs, &k, value.to_vec());
         n.ctime = self.now();
         self.put_node(ino, &n);
-        self.record(OpKind::SetXattr { node: n.id, name: name.to_vec(), value: Some(value.to_vec()) });
+        self.record(OpKind::SetXattr {
+            node: n.id,
+            name: name.to_vec(),
+            value: Some(value.to_vec()),
+        });
         Ok(())
     }
 
@@ -517,7 +580,11 @@ impl<'a> Txn<'a> {
         self.delete(Cf::Xattrs, &k);
         n.ctime = self.now();
         self.put_node(ino, &n);
-        self.record(OpKind::SetXattr { node: n.id, name: name.to_vec(), value: None });
+        self.record(OpKind::SetXattr {
+            node: n.id,
+            name: name.to_vec(),
+            value: None,
+        });
         Ok(())
     }
 }

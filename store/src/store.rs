@@ -38,7 +38,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { rocks: RocksOptions::default(), chunk_cache_bytes: 256 << 20, reserve_bytes: 192 << 20 }
+        StoreOptions {
+            rocks: RocksOptions::default(),
+            chunk_cache_bytes: 256 << 20,
+            reserve_bytes: 192 << 20,
+        }
     }
 }
 
@@ -105,7 +109,11 @@ impl SpaceGuard {
 
     fn consumed(&self, bytes: u64) {
         // Until the next statvfs, assume what we wrote took that much space.
-        let _ = self.free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_sub(bytes)));
+        let _ = self
+            .free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_sub(bytes))
+            });
     }
 }
 
@@ -127,20 +135,25 @@ impl Prefetcher {
         for i in 0..PREFETCH_THREADS {
             let (rx, store) = (rx.clone(), store.clone());
             // The threads end when the store is dropped (the queue's sender goes with it).
-            let _ = std::thread::Builder::new().name(format!("pvfs-prefetch-{i}")).spawn(move || loop {
-                let job = rx.lock().recv();
-                let Ok((id, len)) = job else { return };
-                let Some(inner) = store.upgrade() else { return };
-                let s = Store { inner };
-                if let Err(e) = s.chunk(&id, len) {
-                    tracing::debug!(chunk = %id.fmt_short(), "prefetch failed: {e:#}");
-                }
-                if let Some(p) = s.inner.prefetch.get() {
-                    p.inflight.lock().remove(&id);
-                }
-            });
+            let _ = std::thread::Builder::new()
+                .name(format!("pvfs-prefetch-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().recv();
+                    let Ok((id, len)) = job else { return };
+                    let Some(inner) = store.upgrade() else { return };
+                    let s = Store { inner };
+                    if let Err(e) = s.chunk(&id, len) {
+                        tracing::debug!(chunk = %id.fmt_short(), "prefetch failed: {e:#}");
+                    }
+                    if let Some(p) = s.inner.prefetch.get() {
+                        p.inflight.lock().remove(&id);
+                    }
+                });
         }
-        Prefetcher { queue, inflight: Mutex::new(Default::default()) }
+        Prefetcher {
+            queue,
+            inflight: Mutex::new(Default::default()),
+        }
     }
 }
 
@@ -170,13 +183,20 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("device", &self.inner.device).finish()
+        f.debug_struct("Store")
+            .field("device", &self.inner.device)
+            .finish()
     }
 }
 
 fn meta_u64(view: &dyn ReadView, k: &[u8]) -> Result<u64> {
-    let v = view.get(Cf::Meta, k)?.ok_or_else(|| StoreError::corrupt(format!("meta {} missing", String::from_utf8_lossy(k))))?;
-    let b: [u8; 8] = v.as_slice().try_into().map_err(|_| StoreError::corrupt("meta value length"))?;
+    let v = view.get(Cf::Meta, k)?.ok_or_else(|| {
+        StoreError::corrupt(format!("meta {} missing", String::from_utf8_lossy(k)))
+    })?;
+    let b: [u8; 8] = v
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::corrupt("meta value length"))?;
     Ok(u64::from_be_bytes(b))
 }
 
@@ -189,25 +209,44 @@ impl Store {
     /// Opens the store in `dir` (its RocksDB lives in `dir/db`). It must have been created.
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store> {
         if !Store::exists(dir) {
-            return Err(StoreError::DataDir { path: dir.to_path_buf(), reason: "no pvfs store here (run `pvfs init`)".into() });
+            return Err(StoreError::DataDir {
+                path: dir.to_path_buf(),
+                reason: "no pvfs store here (run `pvfs init`)".into(),
+            });
         }
         let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
         Store::from_backend(Box::new(backend), opts, Some(dir), None)
     }
 
     /// Creates a new store with a new namespace in `dir`.
-    pub fn create(dir: &Path, opts: &StoreOptions, device: DeviceId, owner: RootOwner) -> Result<Store> {
+    pub fn create(
+        dir: &Path,
+        opts: &StoreOptions,
+        device: DeviceId,
+        owner: RootOwner,
+    ) -> Result<Store> {
         if Store::exists(dir) {
-            return Err(StoreError::DataDir { path: dir.to_path_buf(), reason: "a pvfs store already exists here".into() });
+            return Err(StoreError::DataDir {
+                path: dir.to_path_buf(),
+                reason: "a pvfs store already exists here".into(),
+            });
         }
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::DataDir { path: dir.to_path_buf(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::DataDir {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
         Store::from_backend(Box::new(backend), opts, Some(dir), Some((device, owner)))
     }
 
     /// A new store in memory (tests, models).
     pub fn in_memory(device: DeviceId, owner: RootOwner) -> Result<Store> {
-        Store::from_backend(Box::new(MemBackend::default()), &StoreOptions::default(), None, Some((device, owner)))
+        Store::from_backend(
+            Box::new(MemBackend::default()),
+            &StoreOptions::default(),
+            None,
+            Some((device, owner)),
+        )
     }
 
     fn from_backend(
@@ -223,14 +262,28 @@ impl Store {
         match format {
             None => return Err(StoreError::corrupt("the database has no format record")),
             Some(f) if f != FORMAT_VERSION.to_be_bytes() => {
-                return Err(StoreError::corrupt(format!("unsupported store format {f:?}")))
+                return Err(StoreError::corrupt(format!(
+                    "unsupported store format {f:?}"
+                )))
             }
             Some(_) => {}
         }
-        let device_bytes = backend.get(Cf::Meta, key::META_DEVICE)?.ok_or_else(|| StoreError::corrupt("no device id"))?;
-        let device = DeviceId(device_bytes.as_slice().try_into().map_err(|_| StoreError::corrupt("device id length"))?);
-        let ns = backend.get(Cf::Meta, key::META_NAMESPACE)?.ok_or_else(|| StoreError::corrupt("no namespace id"))?;
-        let namespace: [u8; 16] = ns.as_slice().try_into().map_err(|_| StoreError::corrupt("namespace id length"))?;
+        let device_bytes = backend
+            .get(Cf::Meta, key::META_DEVICE)?
+            .ok_or_else(|| StoreError::corrupt("no device id"))?;
+        let device = DeviceId(
+            device_bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::corrupt("device id length"))?,
+        );
+        let ns = backend
+            .get(Cf::Meta, key::META_NAMESPACE)?
+            .ok_or_else(|| StoreError::corrupt("no namespace id"))?;
+        let namespace: [u8; 16] = ns
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::corrupt("namespace id length"))?;
         let stats = match backend.get(Cf::Meta, key::META_STATS)? {
             Some(b) => records::decode("stats", &b)?,
             None => StatsRecord::default(),
@@ -262,7 +315,11 @@ impl Store {
                 writer: Mutex::new(state),
                 device,
                 namespace,
-                cache: quick_cache::sync::Cache::with_weighter(cache_items, opts.chunk_cache_bytes, ChunkWeight),
+                cache: quick_cache::sync::Cache::with_weighter(
+                    cache_items,
+                    opts.chunk_cache_bytes,
+                    ChunkWeight,
+                ),
                 space,
             }),
         })
@@ -351,7 +408,11 @@ impl Store {
         if let Some(b) = self.inner.cache.get(id) {
             return Ok(b);
         }
-        let stored = self.inner.backend.get_chunk(&id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
+        let stored = self
+            .inner
+            .backend
+            .get_chunk(&id.0)?
+            .ok_or(StoreError::ChunkAbsent(*id))?;
         let plain = chunk::decode_verified(id, stored, len as usize)?;
         self.inner.cache.insert(*id, plain.clone());
         Ok(plain)
@@ -360,7 +421,10 @@ impl Store {
     /// Loads chunks into the cache in the background (read-ahead). Chunks already cached
     /// or being loaded are skipped; when the queue is full the rest is dropped.
     pub fn prefetch(&self, chunks: impl IntoIterator<Item = (ChunkId, u32)>) {
-        let p = self.inner.prefetch.get_or_init(|| Prefetcher::start(Arc::downgrade(&self.inner)));
+        let p = self
+            .inner
+            .prefetch
+            .get_or_init(|| Prefetcher::start(Arc::downgrade(&self.inner)));
         for (id, len) in chunks {
             if self.inner.cache.get(&id).is_some() || !p.inflight.lock().insert(id) {
                 continue;
@@ -399,7 +463,11 @@ impl Store {
         let mut data = Vec::new();
         for c in chunks.iter().filter(|c| c.staged.is_none()) {
             if let Some(e) = &c.encoded {
-                markers.push((Cf::Pending, key::pending(&c.id, token).to_vec(), Some(Vec::new())));
+                markers.push((
+                    Cf::Pending,
+                    key::pending(&c.id, token).to_vec(),
+                    Some(Vec::new()),
+                ));
                 data.push((c.id.0.to_vec(), e.clone()));
             }
         }
@@ -413,7 +481,10 @@ impl Store {
         if let Some(space) = &self.inner.space {
             space.consumed(bytes);
         }
-        for c in chunks.iter_mut().filter(|c| c.staged.is_none() && c.encoded.is_some()) {
+        for c in chunks
+            .iter_mut()
+            .filter(|c| c.staged.is_none() && c.encoded.is_some())
+        {
             c.staged = Some(token);
         }
         Ok(())
@@ -461,7 +532,9 @@ impl Store {
     /// Fails with `NoSpace` if writing `extra` more bytes would eat into the reserve (after
     /// trying to get back the space of deleted data).
     pub fn check_space(&self, extra: u64) -> Result<()> {
-        let Some(space) = &self.inner.space else { return Ok(()) };
+        let Some(space) = &self.inner.space else {
+            return Ok(());
+        };
         let enough = |free: u64| free >= space.reserve.saturating_add(extra);
         if enough(space.free_bytes()?) {
             return Ok(());
@@ -483,7 +556,11 @@ impl Store {
         let started = Instant::now();
         let res = self.inner.backend.reclaim();
         match &res {
-            Ok(()) => tracing::info!(freed, ms = started.elapsed().as_millis() as u64, "reclaimed the space of deleted chunks"),
+            Ok(()) => tracing::info!(
+                freed,
+                ms = started.elapsed().as_millis() as u64,
+                "reclaimed the space of deleted chunks"
+            ),
             Err(e) => {
                 self.inner.reclaimable.fetch_add(freed, Ordering::Relaxed);
                 tracing::warn!("reclaiming space failed: {e:#}");
@@ -499,10 +576,12 @@ impl Store {
             return;
         }
         let store = self.clone();
-        let spawned = std::thread::Builder::new().name("pvfs-reclaim".into()).spawn(move || {
-            let _ = store.reclaim();
-            store.inner.reclaiming.store(false, Ordering::Release);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("pvfs-reclaim".into())
+            .spawn(move || {
+                let _ = store.reclaim();
+                store.inner.reclaiming.store(false, Ordering::Release);
+            });
         if spawned.is_err() {
             self.inner.reclaiming.store(false, Ordering::Release);
         }
@@ -512,7 +591,12 @@ impl Store {
     pub fn space(&self) -> Result<SpaceInfo> {
         match &self.inner.space {
             Some(s) => s.statvfs(),
-            None => Ok(SpaceInfo { block_size: 4096, total: 1 << 40, free: 1 << 40, available: 1 << 40 }),
+            None => Ok(SpaceInfo {
+                block_size: 4096,
+                total: 1 << 40,
+                free: 1 << 40,
+                available: 1 << 40,
+            }),
         }
     }
 
@@ -535,7 +619,9 @@ impl Store {
             space.consumed(new_bytes);
         }
         if freed_bytes > 0 {
-            self.inner.reclaimable.fetch_add(freed_bytes, Ordering::Relaxed);
+            self.inner
+                .reclaimable
+                .fetch_add(freed_bytes, Ordering::Relaxed);
             self.maybe_reclaim_in_background();
         }
         Ok(out)
@@ -574,7 +660,10 @@ fn clean_staged(backend: &dyn Backend) -> Result<()> {
         batch.push((Cf::Pending, k, None));
     }
     if !batch.is_empty() {
-        tracing::info!(entries = batch.len(), "cleaned chunks staged by an interrupted commit");
+        tracing::info!(
+            entries = batch.len(),
+            "cleaned chunks staged by an interrupted commit"
+        );
         backend.write(batch, true)?;
     }
     Ok(())
@@ -602,18 +691,54 @@ fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Resu
         version: None,
         target: None,
     };
-    let stats = StatsRecord { nodes: 1, dirs: 1, ..StatsRecord::default() };
+    let stats = StatsRecord {
+        nodes: 1,
+        dirs: 1,
+        ..StatsRecord::default()
+    };
     let namespace: [u8; 16] = crate::types::random_bytes();
     let batch = vec![
-        (Cf::Meta, key::META_FORMAT.to_vec(), Some(FORMAT_VERSION.to_be_bytes().to_vec())),
+        (
+            Cf::Meta,
+            key::META_FORMAT.to_vec(),
+            Some(FORMAT_VERSION.to_be_bytes().to_vec()),
+        ),
         (Cf::Meta, key::META_DEVICE.to_vec(), Some(device.0.to_vec())),
-        (Cf::Meta, key::META_NAMESPACE.to_vec(), Some(namespace.to_vec())),
-        (Cf::Meta, key::META_NEXT_INO.to_vec(), Some((ROOT_INO + 1).to_be_bytes().to_vec())),
-        (Cf::Meta, key::META_NEXT_SEQ.to_vec(), Some(1u64.to_be_bytes().to_vec())),
-        (Cf::Meta, key::META_HLC.to_vec(), Some(0u64.to_be_bytes().to_vec())),
-        (Cf::Meta, key::META_STATS.to_vec(), Some(records::encode(&stats))),
-        (Cf::Nodes, key::ino(ROOT_INO).to_vec(), Some(records::encode(&root))),
-        (Cf::Ids, key::node_id(NodeId::ROOT).to_vec(), Some(ROOT_INO.to_be_bytes().to_vec())),
+        (
+            Cf::Meta,
+            key::META_NAMESPACE.to_vec(),
+            Some(namespace.to_vec()),
+        ),
+        (
+            Cf::Meta,
+            key::META_NEXT_INO.to_vec(),
+            Some((ROOT_INO + 1).to_be_bytes().to_vec()),
+        ),
+        (
+            Cf::Meta,
+            key::META_NEXT_SEQ.to_vec(),
+            Some(1u64.to_be_bytes().to_vec()),
+        ),
+        (
+            Cf::Meta,
+            key::META_HLC.to_vec(),
+            Some(0u64.to_be_bytes().to_vec()),
+        ),
+        (
+            Cf::Meta,
+            key::META_STATS.to_vec(),
+            Some(records::encode(&stats)),
+        ),
+        (
+            Cf::Nodes,
+            key::ino(ROOT_INO).to_vec(),
+            Some(records::encode(&root)),
+        ),
+        (
+            Cf::Ids,
+            key::node_id(NodeId::ROOT).to_vec(),
+            Some(ROOT_INO.to_be_bytes().to_vec()),
+        ),
     ];
     backend.write(batch, true)
 }

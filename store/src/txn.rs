@@ -13,7 +13,9 @@ use bytes::Bytes;
 use crate::chunk;
 use crate::error::{Result, StoreError};
 use crate::kv::{BatchOp, Cf, Kv, ReadView};
-use crate::records::{self, key, DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, RefRecord, StatsRecord};
+use crate::records::{
+    self, key, DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, RefRecord, StatsRecord,
+};
 use crate::types::{ChunkId, DeviceId, Hlc, Ino, NodeId, OpId, Timestamp};
 
 /// Counters and clock owned by the single writer; persisted in `Cf::Meta` with every commit.
@@ -45,7 +47,12 @@ impl PreparedChunk {
     pub fn new(plain: Bytes, encode: bool) -> PreparedChunk {
         let id = ChunkId::of(&plain);
         let encoded = encode.then(|| chunk::encode(&plain));
-        PreparedChunk { id, plain, encoded, staged: None }
+        PreparedChunk {
+            id,
+            plain,
+            encoded,
+            staged: None,
+        }
     }
 }
 
@@ -62,13 +69,24 @@ pub struct Txn<'a> {
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Txn").field("writes", &self.overlay.len()).field("ops", &self.ops.len()).finish()
+        f.debug_struct("Txn")
+            .field("writes", &self.overlay.len())
+            .field("ops", &self.ops.len())
+            .finish()
     }
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, now: Timestamp) -> Txn<'a> {
-        Txn { view, overlay: BTreeMap::new(), state, now, ops: Vec::new(), new_bytes: 0, freed_bytes: 0 }
+        Txn {
+            view,
+            overlay: BTreeMap::new(),
+            state,
+            now,
+            ops: Vec::new(),
+            new_bytes: 0,
+            freed_bytes: 0,
+        }
     }
 
     /// The wall-clock time this transaction runs at.
@@ -112,7 +130,9 @@ impl<'a> Txn<'a> {
         while out.len() < limit {
             let base_key = match base.peek() {
                 Some(Ok((k, _))) if k.as_slice() < to => Some(k.clone()),
-                Some(Err(_)) => return Err(base.next().and_then(|r| r.err()).expect("peeked an error")),
+                Some(Err(_)) => {
+                    return Err(base.next().and_then(|r| r.err()).expect("peeked an error"))
+                }
                 _ => None,
             };
             let over_key = over.peek().map(|(k, _)| k.clone());
@@ -156,7 +176,9 @@ impl<'a> Txn<'a> {
         loop {
             let base_key = match base.peek() {
                 Some(Ok((k, _))) if k.as_slice() >= lo => Some(k.clone()),
-                Some(Err(_)) => return Err(base.next().and_then(|r| r.err()).expect("peeked an error")),
+                Some(Err(_)) => {
+                    return Err(base.next().and_then(|r| r.err()).expect("peeked an error"))
+                }
                 _ => None,
             };
             let over_key = over.peek().map(|(k, _)| k.clone());
@@ -184,12 +206,15 @@ impl<'a> Txn<'a> {
 
     /// The node with this ino, if any.
     pub fn node(&self, ino: Ino) -> Result<Option<NodeRecord>> {
-        self.get(Cf::Nodes, &key::ino(ino))?.map(|b| records::decode("node", &b)).transpose()
+        self.get(Cf::Nodes, &key::ino(ino))?
+            .map(|b| records::decode("node", &b))
+            .transpose()
     }
 
     /// The node with this ino, or `NotFound`.
     pub fn node_req(&self, ino: Ino) -> Result<NodeRecord> {
-        self.node(ino)?.ok_or_else(|| StoreError::NotFound(format!("inode {ino}")))
+        self.node(ino)?
+            .ok_or_else(|| StoreError::NotFound(format!("inode {ino}")))
     }
 
     pub(crate) fn put_node(&mut self, ino: Ino, node: &NodeRecord) {
@@ -198,7 +223,9 @@ impl<'a> Txn<'a> {
 
     /// The entry `name` in directory `parent`, if any.
     pub fn dirent(&self, parent: Ino, name: &[u8]) -> Result<Option<DirentRecord>> {
-        self.get(Cf::Dirents, &key::dirent(parent, name))?.map(|b| records::decode("dirent", &b)).transpose()
+        self.get(Cf::Dirents, &key::dirent(parent, name))?
+            .map(|b| records::decode("dirent", &b))
+            .transpose()
     }
 
     pub(crate) fn put_dirent(&mut self, parent: Ino, name: &[u8], d: DirentRecord) {
@@ -211,11 +238,22 @@ impl<'a> Txn<'a> {
 
     /// Records an op made on this device now; returns its id.
     pub(crate) fn record(&mut self, kind: OpKind) -> OpId {
-        let id = OpId { device: self.state.device, seq: self.state.next_seq };
+        let id = OpId {
+            device: self.state.device,
+            seq: self.state.next_seq,
+        };
         self.state.next_seq += 1;
         self.state.hlc = self.state.hlc.tick(self.now.millis());
-        let rec = OpRecord { id, hlc: self.state.hlc, kind };
-        self.put(Cf::Oplog, &key::op(id.device, id.seq), records::encode(&rec));
+        let rec = OpRecord {
+            id,
+            hlc: self.state.hlc,
+            kind,
+        };
+        self.put(
+            Cf::Oplog,
+            &key::op(id.device, id.seq),
+            records::encode(&rec),
+        );
         self.ops.push(rec);
         id
     }
@@ -234,12 +272,15 @@ impl<'a> Txn<'a> {
     // ---- chunk references -------------------------------------------------------------
 
     pub(crate) fn refs(&self, id: &ChunkId) -> Result<Option<RefRecord>> {
-        self.get(Cf::Refs, &id.0)?.map(|b| records::decode("chunk ref", &b)).transpose()
+        self.get(Cf::Refs, &id.0)?
+            .map(|b| records::decode("chunk ref", &b))
+            .transpose()
     }
 
     /// Adds one reference to a chunk, storing its data if this is the first.
     pub(crate) fn incref(&mut self, c: &PreparedChunk) -> Result<()> {
-        let len = u32::try_from(c.plain.len()).map_err(|_| StoreError::Invalid("chunk too large".into()))?;
+        let len = u32::try_from(c.plain.len())
+            .map_err(|_| StoreError::Invalid("chunk too large".into()))?;
         let rec = match self.refs(&c.id)? {
             Some(mut r) => {
                 r.count += 1;
@@ -263,7 +304,11 @@ impl<'a> Txn<'a> {
                 self.state.stats.chunks += 1;
                 self.state.stats.chunk_bytes += u64::from(len);
                 self.state.stats.stored_bytes += u64::from(stored);
-                RefRecord { count: 1, len, stored }
+                RefRecord {
+                    count: 1,
+                    len,
+                    stored,
+                }
             }
         };
         self.put(Cf::Refs, &c.id.0, records::encode(&rec));
@@ -282,7 +327,9 @@ impl<'a> Txn<'a> {
 
     /// Adds one reference to a chunk that must already be stored.
     pub(crate) fn incref_existing(&mut self, id: &ChunkId) -> Result<()> {
-        let mut r = self.refs(id)?.ok_or_else(|| StoreError::corrupt(format!("chunk {} has no refs", id.fmt_short())))?;
+        let mut r = self
+            .refs(id)?
+            .ok_or_else(|| StoreError::corrupt(format!("chunk {} has no refs", id.fmt_short())))?;
         r.count += 1;
         self.put(Cf::Refs, &id.0, records::encode(&r));
         Ok(())
@@ -291,7 +338,10 @@ impl<'a> Txn<'a> {
     /// Drops one reference; the chunk is deleted with its last reference.
     pub(crate) fn decref(&mut self, id: &ChunkId) -> Result<()> {
         let Some(mut r) = self.refs(id)? else {
-            return Err(StoreError::corrupt(format!("chunk {} is referenced but has no refs entry", id.fmt_short())));
+            return Err(StoreError::corrupt(format!(
+                "chunk {} is referenced but has no refs entry",
+                id.fmt_short()
+            )));
         };
         r.count = r.count.saturating_sub(1);
         if r.count == 0 {
@@ -313,7 +363,9 @@ impl<'a> Txn<'a> {
 
     /// Reads a chunk's plaintext (for re-chunking the edges of an edit).
     pub(crate) fn chunk_plain(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>> {
-        let stored = self.get(Cf::Chunks, &id.0)?.ok_or(StoreError::ChunkAbsent(*id))?;
+        let stored = self
+            .get(Cf::Chunks, &id.0)?
+            .ok_or(StoreError::ChunkAbsent(*id))?;
         chunk::decode(&stored, len as usize)
     }
 
@@ -325,14 +377,21 @@ impl<'a> Txn<'a> {
         if start >= end {
             return Ok(out);
         }
-        if let Some((k, v)) = self.last_at_or_before(Cf::Extents, &key::extent(ino, 0), &key::extent(ino, start))? {
+        if let Some((k, v)) =
+            self.last_at_or_before(Cf::Extents, &key::extent(ino, 0), &key::extent(ino, start))?
+        {
             let (_, off) = key::extent_offset(&k)?;
             let e: ExtentRecord = records::decode("extent", &v)?;
             if off < start && off + u64::from(e.len) > start {
                 out.push((off, e));
             }
         }
-        for (k, v) in self.scan(Cf::Extents, &key::extent(ino, start), &key::extent(ino, end), usize::MAX)? {
+        for (k, v) in self.scan(
+            Cf::Extents,
+            &key::extent(ino, start),
+            &key::extent(ino, end),
+            usize::MAX,
+        )? {
             let (_, off) = key::extent_offset(&k)?;
             out.push((off, records::decode("extent", &v)?));
         }
@@ -345,7 +404,11 @@ impl<'a> Txn<'a> {
     }
 
     pub(crate) fn delete_extent(&mut self, ino: Ino, off: u64, e: &ExtentRecord) -> Result<()> {
-        self.state.stats.referenced_bytes = self.state.stats.referenced_bytes.saturating_sub(u64::from(e.len));
+        self.state.stats.referenced_bytes = self
+            .state
+            .stats
+            .referenced_bytes
+            .saturating_sub(u64::from(e.len));
         self.delete(Cf::Extents, &key::extent(ino, off));
         self.decref(&e.chunk)
     }
@@ -354,11 +417,23 @@ impl<'a> Txn<'a> {
 
     pub(crate) fn finish(mut self) -> (Vec<BatchOp>, WriterState, Vec<OpRecord>) {
         let st = self.state.clone();
-        self.put(Cf::Meta, key::META_NEXT_INO, st.next_ino.to_be_bytes().to_vec());
-        self.put(Cf::Meta, key::META_NEXT_SEQ, st.next_seq.to_be_bytes().to_vec());
+        self.put(
+            Cf::Meta,
+            key::META_NEXT_INO,
+            st.next_ino.to_be_bytes().to_vec(),
+        );
+        self.put(
+            Cf::Meta,
+            key::META_NEXT_SEQ,
+            st.next_seq.to_be_bytes().to_vec(),
+        );
         self.put(Cf::Meta, key::META_HLC, st.hlc.0.to_be_bytes().to_vec());
         self.put(Cf::Meta, key::META_STATS, records::encode(&st.stats));
-        let batch = self.overlay.into_iter().map(|((cf, k), v)| (cf, k, v)).collect();
+        let batch = self
+            .overlay
+            .into_iter()
+            .map(|((cf, k), v)| (cf, k, v))
+            .collect();
         (batch, st, self.ops)
     }
 }

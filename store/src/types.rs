@@ -113,7 +113,9 @@ pub const ROOT_INO: Ino = 1;
 
 /// A hybrid logical clock value: milliseconds since the Unix epoch in the high 48 bits,
 /// a logical counter in the low 16 bits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Hlc(pub u64);
 
 impl Hlc {
@@ -143,7 +145,9 @@ pub struct OpId {
 }
 
 /// A point in time with nanosecond precision; seconds may be negative (before 1970).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Timestamp {
     /// Seconds since the Unix epoch.
     pub sec: i64,
@@ -170,7 +174,10 @@ impl Timestamp {
 impl From<std::time::SystemTime> for Timestamp {
     fn from(t: std::time::SystemTime) -> Timestamp {
         match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Timestamp { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Ok(d) => Timestamp {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 let mut sec = -(d.as_secs() as i64);
@@ -265,8 +272,15 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        let seed = format!("{t}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut buf);
+        let seed = format!(
+            "{t}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        blake3::Hasher::new()
+            .update(seed.as_bytes())
+            .finalize_xof()
+            .fill(&mut buf);
     }
     buf
 }

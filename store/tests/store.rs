@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use pvfs_store::{
-    DeviceId, FileKind, NewExtent, NewNode, OpKind, PreparedChunk, RenameFlags, RootOwner, SetAttrs, SetTime, Store,
-    StoreError, StoreOptions, Timestamp, XattrMode, ROOT_INO,
+    DeviceId, FileKind, NewExtent, NewNode, OpKind, PreparedChunk, RenameFlags, RootOwner,
+    SetAttrs, SetTime, Store, StoreError, StoreOptions, Timestamp, XattrMode, ROOT_INO,
 };
 
 const DEV: DeviceId = DeviceId([1; 16]);
@@ -13,7 +13,11 @@ const OWNER: RootOwner = RootOwner { uid: 0, gid: 0 };
 fn both(check: impl Fn(&Store)) {
     let mem = Store::in_memory(DEV, OWNER).unwrap();
     check(&mem);
-    assert!(mem.fsck().unwrap().is_clean(), "mem fsck: {:?}", mem.fsck().unwrap().problems);
+    assert!(
+        mem.fsck().unwrap().is_clean(),
+        "mem fsck: {:?}",
+        mem.fsck().unwrap().problems
+    );
     let dir = tempfile::tempdir().unwrap();
     let rocks = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
     check(&rocks);
@@ -22,11 +26,20 @@ fn both(check: impl Fn(&Store)) {
 }
 
 fn file(kind: FileKind) -> NewNode {
-    NewNode { kind, perm: 0o644, uid: 1, gid: 2, rdev: 0, target: None }
+    NewNode {
+        kind,
+        perm: 0o644,
+        uid: 1,
+        gid: 2,
+        rdev: 0,
+        target: None,
+    }
 }
 
 fn mk(s: &Store, parent: u64, name: &str, kind: FileKind) -> u64 {
-    s.commit(false, |tx| tx.create(parent, name.as_bytes(), file(kind))).unwrap().0
+    s.commit(false, |tx| tx.create(parent, name.as_bytes(), file(kind)))
+        .unwrap()
+        .0
 }
 
 fn err<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
@@ -51,11 +64,18 @@ fn read(s: &Store, ino: u64) -> Vec<u8> {
 fn names_are_validated() {
     both(|s| {
         for bad in ["", ".", "..", "a/b", "nul\0"] {
-            let e = err(s.commit(false, |tx| tx.create(ROOT_INO, bad.as_bytes(), file(FileKind::File))));
+            let e = err(s.commit(false, |tx| {
+                tx.create(ROOT_INO, bad.as_bytes(), file(FileKind::File))
+            }));
             assert!(e.contains("InvalidName"), "{bad:?}: {e}");
         }
         let long = "x".repeat(256);
-        assert!(err(s.commit(false, |tx| tx.create(ROOT_INO, long.as_bytes(), file(FileKind::File)))).contains("NameTooLong"));
+        assert!(err(s.commit(false, |tx| tx.create(
+            ROOT_INO,
+            long.as_bytes(),
+            file(FileKind::File)
+        )))
+        .contains("NameTooLong"));
         mk(s, ROOT_INO, &"y".repeat(255), FileKind::File);
     });
 }
@@ -66,41 +86,100 @@ fn tree_operations_follow_posix() {
         let a = mk(s, ROOT_INO, "a", FileKind::Dir);
         let b = mk(s, a, "b", FileKind::Dir);
         let f = mk(s, b, "f", FileKind::File);
-        assert!(err(s.commit(false, |tx| tx.create(b, b"f", file(FileKind::File)))).contains("AlreadyExists"));
+        assert!(
+            err(s.commit(false, |tx| tx.create(b, b"f", file(FileKind::File))))
+                .contains("AlreadyExists")
+        );
         assert_eq!(s.node(a).unwrap().unwrap().nlink, 3);
         // A directory cannot move below itself.
-        let e = err(s.commit(false, |tx| tx.rename(ROOT_INO, b"a", b, b"x", RenameFlags::default(), &|_| false)));
+        let e = err(s.commit(false, |tx| {
+            tx.rename(ROOT_INO, b"a", b, b"x", RenameFlags::default(), &|_| false)
+        }));
         assert!(e.contains("Invalid"), "{e}");
         assert!(err(s.commit(false, |tx| tx.rmdir(ROOT_INO, b"a"))).contains("NotEmpty"));
         assert!(err(s.commit(false, |tx| tx.unlink(a, b"b", &|_| false))).contains("IsADirectory"));
         // Hard link, then rename one name over the other: nothing happens.
         s.commit(false, |tx| tx.link(f, a, b"g")).unwrap();
-        s.commit(false, |tx| tx.rename(a, b"g", b, b"f", RenameFlags::default(), &|_| false)).unwrap();
+        s.commit(false, |tx| {
+            tx.rename(a, b"g", b, b"f", RenameFlags::default(), &|_| false)
+        })
+        .unwrap();
         assert_eq!(s.node(f).unwrap().unwrap().nlink, 2);
         // Exchange a directory and a file in different parents.
-        s.commit(false, |tx| tx.rename(ROOT_INO, b"a", b, b"f", RenameFlags { exchange: true, ..Default::default() }, &|_| false))
-            .unwrap_err();
+        s.commit(false, |tx| {
+            tx.rename(
+                ROOT_INO,
+                b"a",
+                b,
+                b"f",
+                RenameFlags {
+                    exchange: true,
+                    ..Default::default()
+                },
+                &|_| false,
+            )
+        })
+        .unwrap_err();
         let c = mk(s, ROOT_INO, "c", FileKind::Dir);
-        s.commit(false, |tx| tx.rename(ROOT_INO, b"c", b, b"f", RenameFlags { exchange: true, ..Default::default() }, &|_| false))
-            .unwrap();
+        s.commit(false, |tx| {
+            tx.rename(
+                ROOT_INO,
+                b"c",
+                b,
+                b"f",
+                RenameFlags {
+                    exchange: true,
+                    ..Default::default()
+                },
+                &|_| false,
+            )
+        })
+        .unwrap();
         assert_eq!(s.lookup(ROOT_INO, b"c").unwrap().unwrap().ino, f);
         assert_eq!(s.lookup(b, b"f").unwrap().unwrap().ino, c);
         assert_eq!(s.node(c).unwrap().unwrap().parent, b);
         assert_eq!(s.node(b).unwrap().unwrap().nlink, 3);
         // NOREPLACE.
-        let e = err(s.commit(false, |tx| tx.rename(ROOT_INO, b"c", a, b"g", RenameFlags { noreplace: true, ..Default::default() }, &|_| false)));
+        let e = err(s.commit(false, |tx| {
+            tx.rename(
+                ROOT_INO,
+                b"c",
+                a,
+                b"g",
+                RenameFlags {
+                    noreplace: true,
+                    ..Default::default()
+                },
+                &|_| false,
+            )
+        }));
         assert!(e.contains("AlreadyExists"), "{e}");
         // Both names are the same node: rename does nothing.
-        s.commit(false, |tx| tx.rename(ROOT_INO, b"c", a, b"g", RenameFlags::default(), &|_| false)).unwrap();
+        s.commit(false, |tx| {
+            tx.rename(ROOT_INO, b"c", a, b"g", RenameFlags::default(), &|_| false)
+        })
+        .unwrap();
         assert_eq!(s.node(f).unwrap().unwrap().nlink, 2);
         assert!(s.lookup(ROOT_INO, b"c").unwrap().is_some());
         // Replace another file: it goes with its only name.
         let h = mk(s, ROOT_INO, "h", FileKind::File);
-        s.commit(false, |tx| tx.rename(ROOT_INO, b"c", ROOT_INO, b"h", RenameFlags::default(), &|_| false)).unwrap();
+        s.commit(false, |tx| {
+            tx.rename(
+                ROOT_INO,
+                b"c",
+                ROOT_INO,
+                b"h",
+                RenameFlags::default(),
+                &|_| false,
+            )
+        })
+        .unwrap();
         assert!(s.node(h).unwrap().is_none());
-        s.commit(false, |tx| tx.unlink(a, b"g", &|_| false)).unwrap();
+        s.commit(false, |tx| tx.unlink(a, b"g", &|_| false))
+            .unwrap();
         assert_eq!(s.node(f).unwrap().unwrap().nlink, 1);
-        s.commit(false, |tx| tx.unlink(ROOT_INO, b"h", &|_| false)).unwrap();
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"h", &|_| false))
+            .unwrap();
         assert!(s.node(f).unwrap().is_none());
         s.commit(false, |tx| tx.rmdir(b, b"f")).unwrap();
         s.commit(false, |tx| tx.rmdir(a, b"b")).unwrap();
@@ -116,13 +195,27 @@ fn content_edits_keep_references_right() {
         let a = vec![b'a'; 40_000];
         let b: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let now = Timestamp::now();
-        let exts = [NewExtent { offset: 0, chunk: chunk(&a) }, NewExtent { offset: 40_000, chunk: chunk(&b) }];
-        s.commit(false, |tx| tx.replace_extents(f, (0, 90_000), &exts, 90_000, now)).unwrap();
+        let exts = [
+            NewExtent {
+                offset: 0,
+                chunk: chunk(&a),
+            },
+            NewExtent {
+                offset: 40_000,
+                chunk: chunk(&b),
+            },
+        ];
+        s.commit(false, |tx| {
+            tx.replace_extents(f, (0, 90_000), &exts, 90_000, now)
+        })
+        .unwrap();
         let mut want = a.clone();
         want.extend_from_slice(&b);
         assert_eq!(read(s, f), want);
         // An edit must not start inside an extent.
-        let e = err(s.commit(false, |tx| tx.replace_extents(f, (10, 40_000), &[], 90_000, now)));
+        let e = err(s.commit(false, |tx| {
+            tx.replace_extents(f, (10, 40_000), &[], 90_000, now)
+        }));
         assert!(e.contains("Invalid"), "{e}");
         // Truncate into the middle of the second chunk, then grow with a hole.
         s.commit(false, |tx| tx.truncate(f, 60_000)).unwrap();
@@ -131,28 +224,53 @@ fn content_edits_keep_references_right() {
         want.resize(70_000, 0);
         assert_eq!(read(s, f), want);
         // Punch a hole across the chunk boundary.
-        s.commit(false, |tx| tx.punch_hole(f, 30_000, 45_000)).unwrap();
+        s.commit(false, |tx| tx.punch_hole(f, 30_000, 45_000))
+            .unwrap();
         want[30_000..45_000].fill(0);
         assert_eq!(read(s, f), want);
         // Share the range into a second file, overlapping an existing extent there.
         let g = mk(s, ROOT_INO, "g", FileKind::File);
-        s.commit(false, |tx| tx.replace_extents(g, (0, 5), &[NewExtent { offset: 0, chunk: chunk(b"hello") }], 5, now))
+        s.commit(false, |tx| {
+            tx.replace_extents(
+                g,
+                (0, 5),
+                &[NewExtent {
+                    offset: 0,
+                    chunk: chunk(b"hello"),
+                }],
+                5,
+                now,
+            )
+        })
+        .unwrap();
+        let n = s
+            .commit(false, |tx| tx.copy_range(f, 0, g, 3, 1 << 20))
             .unwrap();
-        let n = s.commit(false, |tx| tx.copy_range(f, 0, g, 3, 1 << 20)).unwrap();
         assert_eq!(n, 70_000);
         let mut gwant = b"hel".to_vec();
         gwant.extend_from_slice(&want);
         assert_eq!(read(s, g), gwant);
         // Copy within one file, overlapping ranges.
-        s.commit(false, |tx| tx.copy_range(f, 0, f, 1000, 20_000)).unwrap();
+        s.commit(false, |tx| tx.copy_range(f, 0, f, 1000, 20_000))
+            .unwrap();
         let mut w2 = want.clone();
         w2[1000..21_000].copy_from_slice(&want[..20_000]);
         assert_eq!(read(s, f), w2);
         // Deleting both files frees every chunk.
-        s.commit(false, |tx| tx.unlink(ROOT_INO, b"f", &|_| false)).unwrap();
-        s.commit(false, |tx| tx.unlink(ROOT_INO, b"g", &|_| false)).unwrap();
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"f", &|_| false))
+            .unwrap();
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"g", &|_| false))
+            .unwrap();
         let st = s.stats();
-        assert_eq!((st.chunks, st.chunk_bytes, st.stored_bytes, st.referenced_bytes), (0, 0, 0, 0));
+        assert_eq!(
+            (
+                st.chunks,
+                st.chunk_bytes,
+                st.stored_bytes,
+                st.referenced_bytes
+            ),
+            (0, 0, 0, 0)
+        );
     });
 }
 
@@ -161,8 +279,21 @@ fn open_unlinked_files_become_orphans() {
     both(|s| {
         let f = mk(s, ROOT_INO, "f", FileKind::File);
         let now = Timestamp::now();
-        s.commit(false, |tx| tx.replace_extents(f, (0, 3), &[NewExtent { offset: 0, chunk: chunk(b"abc") }], 3, now)).unwrap();
-        s.commit(false, |tx| tx.unlink(ROOT_INO, b"f", &|ino| ino == f)).unwrap();
+        s.commit(false, |tx| {
+            tx.replace_extents(
+                f,
+                (0, 3),
+                &[NewExtent {
+                    offset: 0,
+                    chunk: chunk(b"abc"),
+                }],
+                3,
+                now,
+            )
+        })
+        .unwrap();
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"f", &|ino| ino == f))
+            .unwrap();
         assert_eq!(s.orphans().unwrap(), vec![f]);
         assert_eq!(read(s, f), b"abc");
         assert!(s.commit(false, |tx| tx.release_orphan(f)).unwrap());
@@ -177,17 +308,48 @@ fn attributes_and_xattrs() {
         let f = mk(s, ROOT_INO, "f", FileKind::File);
         let t = Timestamp { sec: -100, nsec: 5 };
         let n = s
-            .commit(false, |tx| tx.setattr(f, &SetAttrs { perm: Some(0o4755), uid: Some(9), mtime: Some(SetTime::At(t)), ..Default::default() }))
+            .commit(false, |tx| {
+                tx.setattr(
+                    f,
+                    &SetAttrs {
+                        perm: Some(0o4755),
+                        uid: Some(9),
+                        mtime: Some(SetTime::At(t)),
+                        ..Default::default()
+                    },
+                )
+            })
             .unwrap();
         assert_eq!((n.perm, n.uid, n.gid, n.mtime), (0o4755, 9, 2, t));
-        s.commit(false, |tx| tx.set_xattr(f, b"user.a", b"1", XattrMode::Create)).unwrap();
-        assert!(err(s.commit(false, |tx| tx.set_xattr(f, b"user.a", b"2", XattrMode::Create))).contains("AlreadyExists"));
-        assert!(err(s.commit(false, |tx| tx.set_xattr(f, b"user.b", b"2", XattrMode::Replace))).contains("NoAttribute"));
+        s.commit(false, |tx| {
+            tx.set_xattr(f, b"user.a", b"1", XattrMode::Create)
+        })
+        .unwrap();
+        assert!(err(s.commit(false, |tx| tx.set_xattr(
+            f,
+            b"user.a",
+            b"2",
+            XattrMode::Create
+        )))
+        .contains("AlreadyExists"));
+        assert!(err(s.commit(false, |tx| tx.set_xattr(
+            f,
+            b"user.b",
+            b"2",
+            XattrMode::Replace
+        )))
+        .contains("NoAttribute"));
         assert_eq!(s.xattr(f, b"user.a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.xattr_names(f).unwrap(), vec![b"user.a".to_vec()]);
         s.commit(false, |tx| tx.remove_xattr(f, b"user.a")).unwrap();
         assert!(s.xattr(f, b"user.a").unwrap().is_none());
-        assert!(err(s.commit(false, |tx| tx.set_xattr(f, b"user.big", &vec![0; 70_000], XattrMode::Any))).contains("TooLarge"));
+        assert!(err(s.commit(false, |tx| tx.set_xattr(
+            f,
+            b"user.big",
+            &vec![0; 70_000],
+            XattrMode::Any
+        )))
+        .contains("TooLarge"));
     });
 }
 
@@ -196,11 +358,17 @@ fn every_change_is_an_op_in_a_gap_free_sequence() {
     both(|s| {
         let d = mk(s, ROOT_INO, "d", FileKind::Dir);
         mk(s, d, "f", FileKind::File);
-        s.commit(false, |tx| tx.rename(d, b"f", ROOT_INO, b"g", RenameFlags::default(), &|_| false)).unwrap();
+        s.commit(false, |tx| {
+            tx.rename(d, b"f", ROOT_INO, b"g", RenameFlags::default(), &|_| false)
+        })
+        .unwrap();
         // A failed transaction records nothing.
         let _ = s.commit(false, |tx| tx.rmdir(ROOT_INO, b"nope"));
         let ops = s.ops(DEV, 1, 100).unwrap();
-        assert_eq!(ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert!(ops.windows(2).all(|w| w[0].hlc < w[1].hlc));
         assert!(matches!(ops[2].kind, OpKind::Rename { .. }));
         assert_eq!(s.ops(DEV, 3, 100).unwrap().len(), 1);
@@ -214,7 +382,19 @@ fn rocksdb_store_persists_across_reopen() {
         let s = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
         let f = mk(&s, ROOT_INO, "f", FileKind::File);
         let now = Timestamp::now();
-        s.commit(true, |tx| tx.replace_extents(f, (0, 4), &[NewExtent { offset: 0, chunk: chunk(b"data") }], 4, now)).unwrap();
+        s.commit(true, |tx| {
+            tx.replace_extents(
+                f,
+                (0, 4),
+                &[NewExtent {
+                    offset: 0,
+                    chunk: chunk(b"data"),
+                }],
+                4,
+                now,
+            )
+        })
+        .unwrap();
         f
     };
     let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
@@ -222,7 +402,9 @@ fn rocksdb_store_persists_across_reopen() {
     assert_eq!(s.device(), DEV);
     assert_eq!(s.stats().files, 1);
     // A second opener is refused with a clear error.
-    let e = Store::open(dir.path(), &StoreOptions::default()).unwrap_err().to_string();
+    let e = Store::open(dir.path(), &StoreOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("in use"), "{e}");
     assert!(s.fsck().unwrap().is_clean());
 }

@@ -18,9 +18,16 @@ pub fn bin(name: &str) -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir layout");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir layout");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not found: run `cargo build --release --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --release --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +36,11 @@ pub fn shared() -> PathBuf {
     let p = std::env::var_os("PVFS_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(p.join("fstests").is_dir(), "shared fixtures not found at {} (set PVFS_SHARED)", p.display());
+    assert!(
+        p.join("fstests").is_dir(),
+        "shared fixtures not found at {} (set PVFS_SHARED)",
+        p.display()
+    );
     p
 }
 
@@ -41,7 +52,9 @@ pub fn is_root() -> bool {
 }
 
 fn mounted(mountpoint: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = mountpoint.to_string_lossy().replace(' ', "\\040");
     info.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
@@ -51,7 +64,12 @@ fn mounted(mountpoint: &Path) -> bool {
 
 /// Lazily unmounts `mountpoint` (ignores errors: it may not be mounted).
 pub fn force_unmount(mountpoint: &Path) {
-    let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).stderr(Stdio::null()).status();
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A pvfs daemon serving a mount, as a child process.
@@ -75,23 +93,39 @@ impl Daemon {
     pub fn try_start(data: &Path, mnt: &Path, extra: &[&str]) -> Result<Daemon, String> {
         // A dead mount left by a crash makes create_dir_all fail with EEXIST: pvfs cleans it.
         if let Err(e) = std::fs::create_dir_all(mnt) {
-            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "create mount point: {e}");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists,
+                "create mount point: {e}"
+            );
         }
         let log = data.with_extension("log");
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = Command::new(bin("pvfs"))
             .arg("mount")
             .arg(mnt)
             .arg("--data")
             .arg(data)
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
             .spawn()
             .expect("spawn pvfs");
-        let mut d = Daemon { child: Some(child), mnt: mnt.to_path_buf(), data: data.to_path_buf(), log };
+        let mut d = Daemon {
+            child: Some(child),
+            mnt: mnt.to_path_buf(),
+            data: data.to_path_buf(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             // A dead mount from a crash is listed too, but cannot be stat'ed.
@@ -100,7 +134,10 @@ impl Daemon {
             }
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 d.child = None;
-                return Err(format!("pvfs exited with {status} before mounting:\n{}", d.log_text()));
+                return Err(format!(
+                    "pvfs exited with {status} before mounting:\n{}",
+                    d.log_text()
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("pvfs did not mount within 60 s:\n{}", d.log_text()));
@@ -139,7 +176,9 @@ impl Daemon {
         let ok = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status.success(),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -213,22 +252,39 @@ impl Drop for Daemon {
 
 /// Runs `pvfs-admin --data DATA ARGS...`.
 pub fn admin(data: &Path, args: &[&str]) -> Output {
-    Command::new(bin("pvfs-admin")).arg("--data").arg(data).args(args).output().expect("run pvfs-admin")
+    Command::new(bin("pvfs-admin"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("run pvfs-admin")
 }
 
 /// Runs `pvfs-admin --json ... fsck` and panics with the report unless it is clean.
 pub fn assert_fsck_clean(data: &Path) {
     let out = admin(data, &["--json", "fsck"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fsck failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fsck failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(&text).expect("fsck json");
-    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "fsck problems: {text}");
+    assert_eq!(
+        v["problems"].as_array().map(Vec::len),
+        Some(0),
+        "fsck problems: {text}"
+    );
 }
 
 /// `pvfs-admin --json stats` as JSON.
 pub fn stats(data: &Path) -> serde_json::Value {
     let out = admin(data, &["--json", "stats"]);
-    assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stats json")
 }
 
@@ -242,10 +298,14 @@ pub struct Scratch {
 impl Scratch {
     /// A new scratch directory under `$TMPDIR`.
     pub fn new() -> Scratch {
-        let dir = tempfile::Builder::new().prefix("pvfs-test.").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pvfs-test.")
+            .tempdir()
+            .expect("tempdir");
         // Other users (pjdfstest's uid switches) must be able to reach the mount point.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         Scratch { dir }
     }
     /// The data directory path.

@@ -20,7 +20,11 @@ fn apps_sh_passes_on_a_pvfs_mount() {
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     let summary = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(out.status.success() && summary == "12 passed, 0 failed", "apps.sh: {summary}\n{}", d.log_text());
+    assert!(
+        out.status.success() && summary == "12 passed, 0 failed",
+        "apps.sh: {summary}\n{}",
+        d.log_text()
+    );
     drop(d);
     assert_fsck_clean(&s.data());
 }

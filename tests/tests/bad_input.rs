@@ -8,10 +8,21 @@ use std::process::Command;
 use pvfs_tests::{assert_fsck_clean, bin, is_root, Daemon, Scratch};
 
 fn mount_fails(data: &Path, mnt: &Path) -> String {
-    let out = Command::new(bin("pvfs")).arg("mount").arg(mnt).arg("--data").arg(data).env("RUST_LOG", "off").output().unwrap();
+    let out = Command::new(bin("pvfs"))
+        .arg("mount")
+        .arg(mnt)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "mount should fail");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one-line error expected, got: {err}"
+    );
     err
 }
 
@@ -37,23 +48,52 @@ fn unusable_data_dirs_are_one_line_errors() {
     assert!(e.contains("not a directory"), "{e}");
     fs::remove_file(s.data()).unwrap();
 
-    let out = Command::new(bin("pvfs")).arg("init").arg("--data").arg(s.data()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("pvfs"))
+        .arg("init")
+        .arg("--data")
+        .arg(s.data())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let current = s.data().join("db/CURRENT");
-    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(&current).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&current)
+        .unwrap();
     f.write_all(b"garbage\n").unwrap();
     drop(f);
     mount_fails(&s.data(), &s.mnt());
 
     let other = Scratch::new();
-    let out = Command::new(bin("pvfs")).arg("init").arg("--data").arg(other.data()).output().unwrap();
+    let out = Command::new(bin("pvfs"))
+        .arg("init")
+        .arg("--data")
+        .arg(other.data())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     fs::remove_file(other.data().join("identity.pem")).unwrap();
     mount_fails(&other.data(), &other.mnt());
 
-    let out = Command::new(bin("pvfs-admin")).arg("--data").arg(s.dir.path().join("nowhere")).arg("stats").output().unwrap();
+    let out = Command::new(bin("pvfs-admin"))
+        .arg("--data")
+        .arg(s.dir.path().join("nowhere"))
+        .arg("stats")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
 }
 
 struct Tmpfs(std::path::PathBuf);
@@ -70,13 +110,19 @@ fn full_disk_gives_enospc_and_loses_nothing() {
     let s = Scratch::new();
     let small = s.dir.path().join("small");
     fs::create_dir_all(&small).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=640m", "tmpfs"]).arg(&small).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=640m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     let _guard = Tmpfs(small.clone());
     let data = small.join("data");
     let mnt = s.mnt();
     let d = Daemon::start(&data, &mnt);
-    let keep: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let keep: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let mut f = fs::File::create(mnt.join("keep.bin")).unwrap();
     f.write_all(&keep).unwrap();
     f.sync_all().unwrap();
@@ -88,14 +134,20 @@ fn full_disk_gives_enospc_and_loses_nothing() {
     let mut err = None;
     for i in 0..4096u32 {
         for (j, b) in block.iter_mut().enumerate() {
-            *b = ((j as u32).wrapping_mul(2_246_822_519) ^ i.wrapping_mul(3_266_489_917)).rotate_left(j as u32 % 31) as u8;
+            *b = ((j as u32).wrapping_mul(2_246_822_519) ^ i.wrapping_mul(3_266_489_917))
+                .rotate_left(j as u32 % 31) as u8;
         }
-        if let Err(e) = f.write_all(&block).and_then(|()| if i % 16 == 15 { f.sync_data() } else { Ok(()) }) {
+        if let Err(e) =
+            f.write_all(&block)
+                .and_then(|()| if i % 16 == 15 { f.sync_data() } else { Ok(()) })
+        {
             err = Some(e);
             break;
         }
     }
-    let err = err.or_else(|| f.sync_all().err()).expect("the disk never filled");
+    let err = err
+        .or_else(|| f.sync_all().err())
+        .expect("the disk never filled");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "writer got {err}");
     drop(f);
 

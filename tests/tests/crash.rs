@@ -45,7 +45,10 @@ fn check_one(path: &Path, want: Option<(u64, usize)>) -> Result<(), String> {
             }
             // Appends follow the stream, so the whole file must be a prefix of it.
             if got != stream(seed, got.len()) {
-                return Err(format!("content differs from what was written ({} bytes)", got.len()));
+                return Err(format!(
+                    "content differs from what was written ({} bytes)",
+                    got.len()
+                ));
             }
             Ok(())
         }
@@ -94,7 +97,12 @@ fn writer(dir: PathBuf, journal: Journal, seed: u64) -> std::io::Result<()> {
             }
             (Some(_), 7) => {
                 // Delete, then make the delete durable.
-                journal.lock().unwrap().entry(name.clone()).or_default().pending = Some(None);
+                journal
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_default()
+                    .pending = Some(None);
                 fs::remove_file(&path)?;
                 fsync_dir(&dir)?;
                 let mut j = journal.lock().unwrap();
@@ -107,11 +115,21 @@ fn writer(dir: PathBuf, journal: Journal, seed: u64) -> std::io::Result<()> {
                 let s = rng.random();
                 let len = rng.random_range(0..(3 << 20));
                 let tmp = dir.join(format!(".{name}.tmp"));
-                let mut f = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o644).open(&tmp)?;
+                let mut f = fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .mode(0o644)
+                    .open(&tmp)?;
                 f.write_all(&stream(s, len))?;
                 f.sync_all()?;
                 drop(f);
-                journal.lock().unwrap().entry(name.clone()).or_default().pending = Some(Some((s, len)));
+                journal
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_default()
+                    .pending = Some(Some((s, len)));
                 fs::rename(&tmp, &path)?;
                 fsync_dir(&dir)?;
                 let mut j = journal.lock().unwrap();
@@ -125,8 +143,14 @@ fn writer(dir: PathBuf, journal: Journal, seed: u64) -> std::io::Result<()> {
 
 #[test]
 fn fsynced_data_survives_sigkill() {
-    let rounds: usize = std::env::var("PVFS_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-    let seed: u64 = std::env::var("PVFS_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    let rounds: usize = std::env::var("PVFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("PVFS_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
     println!("PVFS_CRASH_SEED={seed} rounds={rounds}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let s = Scratch::new();
@@ -147,7 +171,12 @@ fn fsynced_data_survives_sigkill() {
     }
     let d = Daemon::start(&s.data(), &s.mnt());
     verify(&s.mnt(), &journal);
-    let n = journal.lock().unwrap().values().filter(|e| e.committed.is_some()).count();
+    let n = journal
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|e| e.committed.is_some())
+        .count();
     println!("{n} files verified after {rounds} crashes");
     drop(d);
 }

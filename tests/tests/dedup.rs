@@ -10,7 +10,8 @@ use rand::{RngCore, SeedableRng};
 const SIZE: usize = 256 << 20;
 
 fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -41,8 +42,14 @@ fn copies_dedup_and_an_insert_adds_few_chunks() {
     drop((src, dst));
     let s1 = stats(&s.data());
     let added = u(&s1, "stored_bytes") - u(&s0, "stored_bytes");
-    println!("copy of {SIZE} bytes added {added} stored bytes ({:.4}%)", added as f64 * 100.0 / u(&s0, "stored_bytes") as f64);
-    assert!(added * 100 < u(&s0, "stored_bytes"), "copy added {added} bytes");
+    println!(
+        "copy of {SIZE} bytes added {added} stored bytes ({:.4}%)",
+        added as f64 * 100.0 / u(&s0, "stored_bytes") as f64
+    );
+    assert!(
+        added * 100 < u(&s0, "stored_bytes"),
+        "copy added {added} bytes"
+    );
 
     // Insert one byte in the middle of the original (rewriting its second half in place).
     let mid = SIZE / 2 + 12_345;
@@ -56,12 +63,18 @@ fn copies_dedup_and_an_insert_adds_few_chunks() {
     let s2 = stats(&s.data());
     let new_chunks = u(&s2, "chunks") - u(&s1, "chunks");
     println!("inserting one byte added {new_chunks} chunks");
-    assert!(new_chunks <= 3, "inserting one byte added {new_chunks} chunks");
+    assert!(
+        new_chunks <= 3,
+        "inserting one byte added {new_chunks} chunks"
+    );
     let mut expect = data[..mid].to_vec();
     expect.push(0x5a);
     expect.extend_from_slice(&data[mid..]);
     assert!(fs::read(&orig).unwrap() == expect, "edited file reads back");
-    assert!(fs::read(s.mnt().join("copy.bin")).unwrap() == data, "copy reads back");
+    assert!(
+        fs::read(s.mnt().join("copy.bin")).unwrap() == data,
+        "copy reads back"
+    );
     assert!(d.stop(), "clean exit on SIGTERM");
     assert_fsck_clean(&s.data());
 }

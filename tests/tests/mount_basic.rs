@@ -8,7 +8,9 @@ use std::os::unix::io::AsRawFd;
 use pvfs_tests::{assert_fsck_clean, stats, Daemon, Scratch};
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
+        .collect()
 }
 
 #[test]
@@ -26,9 +28,15 @@ fn files_dirs_links_survive_a_restart() {
     fs::rename(m.join("a/b/c"), m.join("a/c2")).unwrap();
     assert_eq!(fs::read(m.join("a/b/big.bin")).unwrap(), big);
     assert_eq!(fs::metadata(m.join("a/small.txt")).unwrap().nlink(), 2);
-    assert_eq!(fs::read_link(m.join("a/b/link")).unwrap().to_str(), Some("../small.txt"));
+    assert_eq!(
+        fs::read_link(m.join("a/b/link")).unwrap().to_str(),
+        Some("../small.txt")
+    );
     assert_eq!(fs::read(m.join("a/b/link")).unwrap(), b"hello pvfs\n");
-    let mut names: Vec<_> = fs::read_dir(m.join("a")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(m.join("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     assert_eq!(names, ["b", "c2", "small.txt"]);
     assert!(d.stop(), "clean exit on SIGTERM");
@@ -36,7 +44,10 @@ fn files_dirs_links_survive_a_restart() {
     let d = Daemon::start(&s.data(), &s.mnt());
     assert_eq!(fs::read(m.join("a/b/big.bin")).unwrap(), big);
     assert_eq!(fs::read(m.join("a/c2/hard.txt")).unwrap(), b"hello pvfs\n");
-    assert_eq!(fs::metadata(m.join("a/small.txt")).unwrap().mode() & 0o7777, 0o640);
+    assert_eq!(
+        fs::metadata(m.join("a/small.txt")).unwrap().mode() & 0o7777,
+        0o640
+    );
     assert_eq!(fs::metadata(m.join("a/c2")).unwrap().nlink(), 2);
     assert_eq!(fs::metadata(m.join("a")).unwrap().nlink(), 4);
     let st = stats(&s.data());
@@ -51,7 +62,12 @@ fn writes_reads_truncates_and_holes() {
     let s = Scratch::new();
     let _d = Daemon::start(&s.data(), &s.mnt());
     let p = s.mnt().join("f");
-    let mut f = fs::OpenOptions::new().create(true).read(true).write(true).open(&p).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     // Overlapping writes, read back through the same handle before any commit.
     f.write_all(&pattern(300_000, 1)).unwrap();
     f.write_all_at(b"XYZ", 1000).unwrap();
@@ -84,7 +100,14 @@ fn writes_reads_truncates_and_holes() {
     assert!(all[150_001..].iter().all(|&b| b == 0));
     // Punch a hole.
     // SAFETY: fallocate on an open fd.
-    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 10, 100_000) };
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            10,
+            100_000,
+        )
+    };
     assert_eq!(r, 0);
     let mut back = vec![0; 200_000];
     f.read_exact_at(&mut back, 0).unwrap();
@@ -132,7 +155,8 @@ fn xattrs_and_pvfs_attributes() {
         let n = std::ffi::CString::new(name).unwrap();
         let mut buf = vec![0u8; 256];
         // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r =
+            unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r < 0 {
             Err(std::io::Error::last_os_error().raw_os_error().unwrap())
         } else {
@@ -146,7 +170,10 @@ fn xattrs_and_pvfs_attributes() {
     assert_eq!(get("user.pvfs.chunks"), Ok(b"1".to_vec()));
     assert_eq!(get("user.pvfs.id").map(|v| v.len()), Ok(32));
     assert_eq!(set("user.pvfs.chunks", b"9"), -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
     assert_eq!(set("trusted.x", b"1"), -1);
 }
 
@@ -163,15 +190,29 @@ fn copy_file_range_shares_chunks() {
     while left > 0 {
         // SAFETY: copy_file_range on open fds with null offsets.
         let n = unsafe {
-            libc::copy_file_range(a.as_raw_fd(), std::ptr::null_mut(), b.as_raw_fd(), std::ptr::null_mut(), left, 0)
+            libc::copy_file_range(
+                a.as_raw_fd(),
+                std::ptr::null_mut(),
+                b.as_raw_fd(),
+                std::ptr::null_mut(),
+                left,
+                0,
+            )
         };
-        assert!(n > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+        assert!(
+            n > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
         left -= n as usize;
     }
     drop(b);
     assert_eq!(fs::read(s.mnt().join("dst")).unwrap(), pattern(20 << 20, 9));
     let after = stats(&s.data());
-    assert_eq!(after["stored_bytes"], before["stored_bytes"], "no new chunk data");
+    assert_eq!(
+        after["stored_bytes"], before["stored_bytes"],
+        "no new chunk data"
+    );
     assert_eq!(after["chunks"], before["chunks"]);
 }
 
@@ -182,7 +223,11 @@ fn a_dead_mount_is_cleaned_at_the_next_start() {
     fs::write(s.mnt().join("kept"), b"still here").unwrap();
     d.crash_leaving_mount();
     let err = fs::metadata(s.mnt()).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "a dead mount: {err}");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "a dead mount: {err}"
+    );
     let d = Daemon::start(&s.data(), &s.mnt());
     assert_eq!(fs::read(s.mnt().join("kept")).unwrap(), b"still here");
     assert!(d.stop());
@@ -203,7 +248,15 @@ fn sigterm_on_a_busy_mount_detaches_and_exits_when_files_close() {
     assert!(!d.is_mounted(), "the busy mount is detached");
     let mut got = vec![0u8; 100_000];
     f.read_exact_at(&mut got, 0).unwrap();
-    assert_eq!(got, pattern(100_000, 5), "open files keep working after the detach");
+    assert_eq!(
+        got,
+        pattern(100_000, 5),
+        "open files keep working after the detach"
+    );
     drop(f);
-    assert_eq!(d.wait_exit(std::time::Duration::from_secs(20)), Some(true), "exits cleanly once the last file closes");
+    assert_eq!(
+        d.wait_exit(std::time::Duration::from_secs(20)),
+        Some(true),
+        "exits cleanly once the last file closes"
+    );
 }

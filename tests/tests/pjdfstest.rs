@@ -49,10 +49,22 @@ fn pjdfstest_passes_except_documented_deviations() {
     for f in &failed {
         println!("FAILED {f}");
     }
-    let summary = stdout.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary").to_string();
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or("no summary")
+        .to_string();
     println!("pjdfstest summary: {summary}");
     let unexpected: Vec<&&str> = failed.iter().filter(|f| !DEVIATIONS.contains(f)).collect();
-    assert!(unexpected.is_empty(), "unexpected pjdfstest failures: {unexpected:?}\n{summary}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(summary.starts_with("Summary:"), "no pjdfstest summary:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        unexpected.is_empty(),
+        "unexpected pjdfstest failures: {unexpected:?}\n{summary}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        summary.starts_with("Summary:"),
+        "no pjdfstest summary:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(d);
 }

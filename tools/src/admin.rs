@@ -94,14 +94,36 @@ pub fn print_human(req: &Request, v: &Value) {
             println!("directories        {}", u("dirs"));
             println!("logical bytes      {}", human_bytes(u("logical_bytes")));
             println!("referenced bytes   {}", human_bytes(u("referenced_bytes")));
-            println!("unique chunk bytes {} in {} chunks", human_bytes(u("chunk_bytes")), u("chunks"));
+            println!(
+                "unique chunk bytes {} in {} chunks",
+                human_bytes(u("chunk_bytes")),
+                u("chunks")
+            );
             println!("stored bytes       {}", human_bytes(u("stored_bytes")));
-            println!("dedup ratio        {:.3}", v["dedup_ratio"].as_f64().unwrap_or(1.0));
-            println!("compression ratio  {:.3}", v["compression_ratio"].as_f64().unwrap_or(1.0));
+            println!(
+                "dedup ratio        {:.3}",
+                v["dedup_ratio"].as_f64().unwrap_or(1.0)
+            );
+            println!(
+                "compression ratio  {:.3}",
+                v["compression_ratio"].as_f64().unwrap_or(1.0)
+            );
         }
         Request::Status => {
-            for k in ["device", "name", "namespace", "mountpoint", "pid", "uptime_secs"] {
-                println!("{k:<12} {}", v[k].as_str().map(str::to_owned).unwrap_or_else(|| v[k].to_string()));
+            for k in [
+                "device",
+                "name",
+                "namespace",
+                "mountpoint",
+                "pid",
+                "uptime_secs",
+            ] {
+                println!(
+                    "{k:<12} {}",
+                    v[k].as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v[k].to_string())
+                );
             }
         }
         Request::Fsck => {

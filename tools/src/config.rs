@@ -36,7 +36,10 @@ pub struct FuseConfig {
 
 impl Default for FuseConfig {
     fn default() -> Self {
-        FuseConfig { threads: 4, allow_other: true }
+        FuseConfig {
+            threads: 4,
+            allow_other: true,
+        }
     }
 }
 
@@ -54,13 +57,20 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { chunk_cache_mb: 256, reserve_mb: 192, commit_threshold_mb: 16 }
+        StoreConfig {
+            chunk_cache_mb: 256,
+            reserve_mb: 192,
+            commit_threshold_mb: 16,
+        }
     }
 }
 
 fn line_of(text: &str, err: &toml::de::Error) -> String {
     match err.span() {
-        Some(span) => format!("line {}", text[..span.start.min(text.len())].lines().count().max(1)),
+        Some(span) => format!(
+            "line {}",
+            text[..span.start.min(text.len())].lines().count().max(1)
+        ),
         None => "?".into(),
     }
 }
@@ -71,9 +81,16 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Config> {
         let config: Config = toml::from_str(text).map_err(|e: toml::de::Error| {
             let msg = e.message().replace('\n', " ");
-            anyhow::anyhow!("{}: {}: {}", origin.display(), line_of(text, &e), msg.trim())
+            anyhow::anyhow!(
+                "{}: {}: {}",
+                origin.display(),
+                line_of(text, &e),
+                msg.trim()
+            )
         })?;
-        config.validate().with_context(|| origin.display().to_string())?;
+        config
+            .validate()
+            .with_context(|| origin.display().to_string())?;
         Ok(config)
     }
 
@@ -88,12 +105,27 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!((1..=64).contains(&self.fuse.threads), "fuse.threads must be 1..=64");
-        anyhow::ensure!(self.store.chunk_cache_mb <= 1 << 20, "store.chunk_cache_mb is too large");
-        anyhow::ensure!(self.store.reserve_mb <= 1 << 30, "store.reserve_mb is too large");
-        anyhow::ensure!((1..=4096).contains(&self.store.commit_threshold_mb), "store.commit_threshold_mb must be 1..=4096");
+        anyhow::ensure!(
+            (1..=64).contains(&self.fuse.threads),
+            "fuse.threads must be 1..=64"
+        );
+        anyhow::ensure!(
+            self.store.chunk_cache_mb <= 1 << 20,
+            "store.chunk_cache_mb is too large"
+        );
+        anyhow::ensure!(
+            self.store.reserve_mb <= 1 << 30,
+            "store.reserve_mb is too large"
+        );
+        anyhow::ensure!(
+            (1..=4096).contains(&self.store.commit_threshold_mb),
+            "store.commit_threshold_mb must be 1..=4096"
+        );
         if let Some(n) = &self.name {
-            anyhow::ensure!(!n.is_empty() && n.len() <= 64 && !n.contains(['/', '\0', '\n']), "name must be 1..=64 characters without '/', NUL or newline");
+            anyhow::ensure!(
+                !n.is_empty() && n.len() <= 64 && !n.contains(['/', '\0', '\n']),
+                "name must be 1..=64 characters without '/', NUL or newline"
+            );
         }
         Ok(())
     }
@@ -112,7 +144,11 @@ impl DataDir {
             Some(p) => p,
             None => home()?.join(".local/share/pvfs"),
         };
-        let root = if root.is_absolute() { root } else { std::env::current_dir()?.join(root) };
+        let root = if root.is_absolute() {
+            root
+        } else {
+            std::env::current_dir()?.join(root)
+        };
         Ok(DataDir { root })
     }
 
@@ -140,7 +176,10 @@ impl DataDir {
 
 /// The user's home directory.
 pub fn home() -> anyhow::Result<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from).filter(|p| p.is_absolute()).context("HOME is not set")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .context("HOME is not set")
 }
 
 #[cfg(test)]
@@ -155,7 +194,8 @@ mod tests {
 
     #[test]
     fn user_values_override_defaults() {
-        let c = Config::parse("name = \"box\"\n[fuse]\nthreads = 2\n", Path::new("c.toml")).unwrap();
+        let c =
+            Config::parse("name = \"box\"\n[fuse]\nthreads = 2\n", Path::new("c.toml")).unwrap();
         assert_eq!(c.fuse.threads, 2);
         assert_eq!(c.store.reserve_mb, 192);
         assert_eq!(c.name.as_deref(), Some("box"));
@@ -163,14 +203,23 @@ mod tests {
 
     #[test]
     fn errors_are_one_line_with_a_line_number() {
-        let e = Config::parse("[fuse]\nthreads = 2\nthreads = = 3\n", Path::new("c.toml")).unwrap_err().to_string();
+        let e = Config::parse("[fuse]\nthreads = 2\nthreads = = 3\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("c.toml: line 3"), "{e}");
         assert!(!e.contains('\n'), "{e}");
-        let e = Config::parse("[fuse]\nthredas = 2\n", Path::new("c.toml")).unwrap_err().to_string();
+        let e = Config::parse("[fuse]\nthredas = 2\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("thredas"), "{e}");
-        let e = format!("{:#}", Config::parse("[fuse]\nthreads = 0\n", Path::new("c.toml")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::parse("[fuse]\nthreads = 0\n", Path::new("c.toml")).unwrap_err()
+        );
         assert!(e.contains("fuse.threads"), "{e}");
-        let e = Config::parse("[fuse]\nthreads = \"four\"\n", Path::new("c.toml")).unwrap_err().to_string();
+        let e = Config::parse("[fuse]\nthreads = \"four\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("c.toml: line 2"), "{e}");
     }
 }

@@ -52,7 +52,8 @@ pub async fn serve(path: &Path, node: Arc<Node>) -> anyhow::Result<()> {
         // A live daemon would have answered; the data directory lock guarantees there is none.
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = match listener.accept().await {
@@ -79,18 +80,37 @@ async fn handle(stream: tokio::net::UnixStream, node: Arc<Node>) -> anyhow::Resu
         .read_line(&mut line)
         .await?;
     let resp = if n == 0 || !line.ends_with('\n') {
-        Response { ok: false, error: Some("request too long or not terminated by a newline".into()), data: Default::default() }
+        Response {
+            ok: false,
+            error: Some("request too long or not terminated by a newline".into()),
+            data: Default::default(),
+        }
     } else {
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let span = tracing::info_span!("admin", ?req);
-                let res = tokio::task::spawn_blocking(move || span.in_scope(|| admin::answer(&node, &req))).await?;
+                let res = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| admin::answer(&node, &req))
+                })
+                .await?;
                 match res {
-                    Ok(data) => Response { ok: true, error: None, data },
-                    Err(e) => Response { ok: false, error: Some(format!("{e:#}")), data: Default::default() },
+                    Ok(data) => Response {
+                        ok: true,
+                        error: None,
+                        data,
+                    },
+                    Err(e) => Response {
+                        ok: false,
+                        error: Some(format!("{e:#}")),
+                        data: Default::default(),
+                    },
                 }
             }
-            Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), data: Default::default() },
+            Err(e) => Response {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+                data: Default::default(),
+            },
         }
     };
     let mut out = serde_json::to_vec(&resp)?;
@@ -112,10 +132,20 @@ pub enum CallError {
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, CallError> {
     let stream = match UnixStream::connect(socket) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(CallError::NotRunning)
         }
-        Err(e) => return Err(CallError::Failed(anyhow::anyhow!("connecting to {}: {e}", socket.display()))),
+        Err(e) => {
+            return Err(CallError::Failed(anyhow::anyhow!(
+                "connecting to {}: {e}",
+                socket.display()
+            )))
+        }
     };
     let exchange = || -> anyhow::Result<serde_json::Value> {
         let mut w = &stream;
@@ -124,11 +154,14 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, CallError
         w.write_all(&line)?;
         let mut resp = String::new();
         BufReader::new(&stream).read_line(&mut resp)?;
-        let resp: Response = serde_json::from_str(&resp).context("the daemon's answer is not valid")?;
+        let resp: Response =
+            serde_json::from_str(&resp).context("the daemon's answer is not valid")?;
         if resp.ok {
             Ok(resp.data)
         } else {
-            Err(anyhow::anyhow!(resp.error.unwrap_or_else(|| "unknown error".into())))
+            Err(anyhow::anyhow!(resp
+                .error
+                .unwrap_or_else(|| "unknown error".into())))
         }
     };
     exchange().map_err(CallError::Failed)

@@ -61,7 +61,12 @@ fn make_data_dir(data: &DataDir) -> anyhow::Result<()> {
 
 /// The device name: from the config, else the host name.
 pub fn device_name(config: &Config) -> String {
-    config.name.clone().unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned())
+    config.name.clone().unwrap_or_else(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    })
 }
 
 /// `pvfs init`: a new device identity and a new namespace in `data`.
@@ -72,7 +77,11 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     }
     if let Some(name) = name {
         let path = data.config();
-        anyhow::ensure!(!path.exists(), "{} exists; set `name` there instead", path.display());
+        anyhow::ensure!(
+            !path.exists(),
+            "{} exists; set `name` there instead",
+            path.display()
+        );
         let text = format!("name = {}\n", toml::Value::String(name.to_string()));
         Config::parse(&text, &path)?;
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -85,9 +94,17 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
         id.save(&data.identity())?;
         id
     };
-    let owner = RootOwner { uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
-    let store = Store::create(data.root(), &store_options(&config), identity.device_id(), owner)
-        .with_context(|| format!("creating the store in {}", data.root().display()))?;
+    let owner = RootOwner {
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+    };
+    let store = Store::create(
+        data.root(),
+        &store_options(&config),
+        identity.device_id(),
+        owner,
+    )
+    .with_context(|| format!("creating the store in {}", data.root().display()))?;
     tracing::info!(device = %store.device(), name = %device_name(&config), "created a new device and namespace");
     Ok(store)
 }
@@ -114,7 +131,9 @@ fn mounted_fstype(mountpoint: &Path) -> Option<String> {
     let mut found = None;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
         if fields.get(4).map(|p| p.replace("\\040", " ")) == Some(want.to_string()) {
             found = fields.get(sep + 1).map(|s| s.to_string());
         }
@@ -127,7 +146,10 @@ fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {
             if mounted_fstype(mountpoint).is_some_and(|t| t.starts_with("fuse")) {
-                anyhow::bail!("{} is already a mounted FUSE filesystem (is pvfs running?)", mountpoint.display());
+                anyhow::bail!(
+                    "{} is already a mounted FUSE filesystem (is pvfs running?)",
+                    mountpoint.display()
+                );
             }
             Ok(())
         }
@@ -142,16 +164,20 @@ fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(mountpoint).with_context(|| format!("creating mount point {}", mountpoint.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(mountpoint)
+            .with_context(|| format!("creating mount point {}", mountpoint.display())),
         Err(e) => Err(anyhow::anyhow!("mount point {}: {e}", mountpoint.display())),
     }
 }
 
 /// `fusermount3 -u -z`, or a detaching unmount(2) when that is not available.
 fn lazy_unmount(mountpoint: &Path) {
-    let lazy = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).stderr(Stdio::null()).status();
+    let lazy = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .stderr(Stdio::null())
+        .status();
     if !lazy.is_ok_and(|s| s.success()) {
         if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH) {
             tracing::error!(mountpoint = %mountpoint.display(), "detaching failed: {e}");
@@ -160,7 +186,11 @@ fn lazy_unmount(mountpoint: &Path) {
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() { p } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 /// Reports readiness (or the startup error) to a parent waiting in `--background`.
@@ -168,11 +198,16 @@ struct Ready(Option<std::fs::File>);
 
 impl Ready {
     fn from_env() -> Ready {
-        let fd = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
+        let fd = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
         std::env::remove_var(READY_FD_ENV);
         // SAFETY: the parent passed us the write end of a pipe under this number and nothing
         // else in this process owns it.
-        Ready(fd.filter(|&fd| fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+        Ready(
+            fd.filter(|&fd| fd > 2)
+                .map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })),
+        )
     }
 
     fn send(&mut self, msg: &str) {
@@ -199,7 +234,11 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     }
     make_data_dir(&data)?;
     let config = Config::load(&data)?;
-    let mountpoint = absolute(args.mountpoint.clone().map_or_else(|| home().map(|h| h.join("Pervasive")), Ok)?)?;
+    let mountpoint = absolute(
+        args.mountpoint
+            .clone()
+            .map_or_else(|| home().map(|h| h.join("Pervasive")), Ok)?,
+    )?;
     anyhow::ensure!(
         !data.root().starts_with(&mountpoint) && !mountpoint.starts_with(data.root()),
         "the data directory and the mount point must not contain each other"
@@ -217,7 +256,12 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let node = Arc::new(Node { store: store.clone(), name: device_name(&config), mountpoint: mountpoint.clone(), started: Instant::now() });
+    let node = Arc::new(Node {
+        store: store.clone(),
+        name: device_name(&config),
+        mountpoint: mountpoint.clone(),
+        started: Instant::now(),
+    });
     let socket = data.socket();
     {
         let socket = socket.clone();
@@ -227,12 +271,26 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
             }
         });
     }
-    let threads = args.fuse_threads.unwrap_or(config.fuse.threads).clamp(1, 64);
-    let mount_opts = MountOptions { threads, allow_other: config.fuse.allow_other };
-    let mut mount = Mount::new(fs.clone(), &mountpoint, &mount_opts, runtime.handle().clone())
-        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let threads = args
+        .fuse_threads
+        .unwrap_or(config.fuse.threads)
+        .clamp(1, 64);
+    let mount_opts = MountOptions {
+        threads,
+        allow_other: config.fuse.allow_other,
+    };
+    let mut mount = Mount::new(
+        fs.clone(),
+        &mountpoint,
+        &mount_opts,
+        runtime.handle().clone(),
+    )
+    .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let mut unmounter = mount.unmounter();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let signal_handle = signals.handle();
     let mp = mountpoint.clone();
     let signal_thread = std::thread::Builder::new().name("pvfs-signals".into()).spawn(move || {
@@ -253,7 +311,8 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     let _ = signal_thread.join();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = std::fs::remove_file(&socket);
-    fs.flush_all().context("committing buffered writes at unmount")?;
+    fs.flush_all()
+        .context("committing buffered writes at unmount")?;
     tracing::info!("unmounted");
     res
 }
@@ -268,7 +327,10 @@ fn spawn_background(data: &DataDir) -> anyhow::Result<()> {
         .append(true)
         .open(data.log())
         .with_context(|| format!("opening {}", data.log().display()))?;
-    let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "--background").collect();
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--background")
+        .collect();
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(&args)
         .env(READY_FD_ENV, wr.as_raw_fd().to_string())
@@ -293,6 +355,9 @@ fn spawn_background(data: &DataDir) -> anyhow::Result<()> {
     let status = child.wait()?;
     match msg.strip_prefix("error: ") {
         Some(e) => anyhow::bail!("{e}"),
-        None => anyhow::bail!("the daemon exited ({status}) before mounting; see {}", data.log().display()),
+        None => anyhow::bail!(
+            "the daemon exited ({status}) before mounting; see {}",
+            data.log().display()
+        ),
     }
 }

@@ -19,15 +19,22 @@ pub struct Identity {
 impl Identity {
     /// A new random identity.
     pub fn generate() -> anyhow::Result<Identity> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generating an Ed25519 key")?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .context("generating an Ed25519 key")?;
         Ok(Identity { key })
     }
 
     /// Loads the identity at `path`.
     pub fn load(path: &Path) -> anyhow::Result<Identity> {
-        let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let key = rcgen::KeyPair::from_pem(&pem).with_context(|| format!("{}: not a valid key", path.display()))?;
-        anyhow::ensure!(key.algorithm() == &rcgen::PKCS_ED25519, "{}: not an Ed25519 key", path.display());
+        let pem =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = rcgen::KeyPair::from_pem(&pem)
+            .with_context(|| format!("{}: not a valid key", path.display()))?;
+        anyhow::ensure!(
+            key.algorithm() == &rcgen::PKCS_ED25519,
+            "{}: not an Ed25519 key",
+            path.display()
+        );
         Ok(Identity { key })
     }
 
@@ -46,7 +53,7 @@ impl Identity {
 
     /// The device id: derived from the public key.
     pub fn device_id(&self) -> DeviceId {
-        DeviceId::from_public_key(&self.key.public_key_raw())
+        DeviceId::from_public_key(self.key.public_key_raw())
     }
 }
 

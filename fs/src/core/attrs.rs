@@ -60,7 +60,10 @@ fn killed(perm: u32) -> u32 {
 
 fn check_xattr_name(name: &[u8]) -> Result<()> {
     if !name.starts_with(b"user.") || name.len() <= 5 {
-        return Err(fs_err!(EOPNOTSUPP, "only user.* extended attributes are supported"));
+        return Err(fs_err!(
+            EOPNOTSUPP,
+            "only user.* extended attributes are supported"
+        ));
     }
     if name.len() > pvfs_store::NAME_MAX {
         return Err(fs_err!(ERANGE, "extended attribute name too long"));
@@ -75,8 +78,13 @@ impl Fs {
         let n = self.node(ino)?;
         let perm = killed(n.perm);
         if n.kind != FileKind::Dir && perm != n.perm {
-            let changes = SetAttrs { perm: Some(perm), ..Default::default() };
-            self.store.commit(false, |tx| tx.setattr(ino, &changes)).fs()?;
+            let changes = SetAttrs {
+                perm: Some(perm),
+                ..Default::default()
+            };
+            self.store
+                .commit(false, |tx| tx.setattr(ino, &changes))
+                .fs()?;
         }
         Ok(())
     }
@@ -105,14 +113,27 @@ impl Fs {
                 }
             }
         }
-        let changes = SetAttrs { perm: req.perm, uid: req.uid, gid: req.gid, atime: req.atime, mtime: req.mtime };
-        if changes.perm.is_some() || changes.uid.is_some() || changes.gid.is_some() || changes.atime.is_some() || changes.mtime.is_some() {
+        let changes = SetAttrs {
+            perm: req.perm,
+            uid: req.uid,
+            gid: req.gid,
+            atime: req.atime,
+            mtime: req.mtime,
+        };
+        if changes.perm.is_some()
+            || changes.uid.is_some()
+            || changes.gid.is_some()
+            || changes.atime.is_some()
+            || changes.mtime.is_some()
+        {
             if let (Some(f), true) = (&file, changes.mtime.is_some()) {
                 // Buffered writes carry their own mtime: commit them first so that the time
                 // set explicitly is the one that stays.
                 f.flush(&self.store, true)?;
             }
-            self.store.commit(false, |tx| tx.setattr(ino, &changes)).fs()?;
+            self.store
+                .commit(false, |tx| tx.setattr(ino, &changes))
+                .fs()?;
         }
         self.getattr(ino)
     }
@@ -145,7 +166,9 @@ impl Fs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => return Err(fs_err!(EINVAL, "bad setxattr flags {flags:#x}")),
         };
-        self.store.commit(false, |tx| tx.set_xattr(ino, name, value, mode)).fs()
+        self.store
+            .commit(false, |tx| tx.set_xattr(ino, name, value, mode))
+            .fs()
     }
 
     /// `getxattr`.
@@ -157,7 +180,10 @@ impl Fs {
             self.node(ino)?;
             return Err(fs_err!(ENODATA, "no such attribute"));
         }
-        self.store.xattr(ino, name).fs()?.ok_or_else(|| fs_err!(ENODATA, "no such attribute"))
+        self.store
+            .xattr(ino, name)
+            .fs()?
+            .ok_or_else(|| fs_err!(ENODATA, "no such attribute"))
     }
 
     /// The read-only `user.pvfs.*` attributes.
@@ -165,7 +191,10 @@ impl Fs {
         let n = self.node(ino)?;
         let text = match key {
             b"id" => n.id.to_string(),
-            b"version" => n.version.map(|v| format!("{}:{}", v.device.fmt_short(), v.seq)).unwrap_or_default(),
+            b"version" => n
+                .version
+                .map(|v| format!("{}:{}", v.device.fmt_short(), v.seq))
+                .unwrap_or_default(),
             b"chunks" | b"local_bytes" if n.kind == FileKind::File => {
                 let extents = self.store.extents(ino, 0, u64::MAX).fs()?;
                 if key == b"chunks" {
@@ -203,7 +232,9 @@ impl Fs {
         if name.starts_with(PVFS_XATTR_PREFIX) {
             return Err(fs_err!(EPERM, "user.pvfs.* attributes are read-only"));
         }
-        self.store.commit(false, |tx| tx.remove_xattr(ino, name)).fs()
+        self.store
+            .commit(false, |tx| tx.remove_xattr(ino, name))
+            .fs()
     }
 
     /// `access`: checks `mask` (R_OK/W_OK/X_OK) against the mode bits for `caller`.

@@ -45,10 +45,25 @@ impl Fs {
         let n = self.node(ino)?;
         let children = self.store.list_dir(ino).fs()?;
         let mut out = Vec::with_capacity(children.len() + 2);
-        out.push(DirEntry { ino, next: 1, kind: FileKind::Dir, name: b".".to_vec() });
-        out.push(DirEntry { ino: n.parent, next: 2, kind: FileKind::Dir, name: b"..".to_vec() });
+        out.push(DirEntry {
+            ino,
+            next: 1,
+            kind: FileKind::Dir,
+            name: b".".to_vec(),
+        });
+        out.push(DirEntry {
+            ino: n.parent,
+            next: 2,
+            kind: FileKind::Dir,
+            name: b"..".to_vec(),
+        });
         for (i, (name, d)) in children.into_iter().enumerate() {
-            out.push(DirEntry { ino: d.ino, next: i as u64 + 3, kind: d.kind, name });
+            out.push(DirEntry {
+                ino: d.ino,
+                next: i as u64 + 3,
+                kind: d.kind,
+                name,
+            });
         }
         Ok(Arc::new(out))
     }

@@ -106,8 +106,14 @@ fn insert_under(runs: &mut Runs, off: u64, data: &[u8]) -> isize {
     let end = off + data.len() as u64;
     let mut gaps = Vec::new();
     let mut pos = off;
-    let first = runs.range(..=off).next_back().map(|(&k, v)| (k, k + v.len() as u64));
-    let covering = first.into_iter().chain(runs.range(off + 1..end).map(|(&k, v)| (k, k + v.len() as u64)));
+    let first = runs
+        .range(..=off)
+        .next_back()
+        .map(|(&k, v)| (k, k + v.len() as u64));
+    let covering = first.into_iter().chain(
+        runs.range(off + 1..end)
+            .map(|(&k, v)| (k, k + v.len() as u64)),
+    );
     for (k, kend) in covering {
         if kend <= pos {
             continue;
@@ -155,7 +161,8 @@ fn copy_out(runs: &Runs, off: u64, out: &mut [u8]) {
         let a = k.max(off);
         let b = (k + v.len() as u64).min(end);
         if a < b {
-            out[(a - off) as usize..(b - off) as usize].copy_from_slice(&v[(a - k) as usize..(b - k) as usize]);
+            out[(a - off) as usize..(b - off) as usize]
+                .copy_from_slice(&v[(a - k) as usize..(b - k) as usize]);
         }
     }
 }
@@ -171,7 +178,8 @@ pub(crate) fn read_committed(store: &Store, ino: Ino, off: u64, out: &mut [u8]) 
         let a = eoff.max(off);
         let b = (eoff + u64::from(e.len)).min(end);
         if a < b {
-            out[(a - off) as usize..(b - off) as usize].copy_from_slice(&data[(a - eoff) as usize..(b - eoff) as usize]);
+            out[(a - off) as usize..(b - off) as usize]
+                .copy_from_slice(&data[(a - eoff) as usize..(b - eoff) as usize]);
         }
     }
     Ok(())
@@ -185,10 +193,18 @@ struct Edit {
 }
 
 impl FileState {
-    pub(crate) fn new(ino: Ino, size: u64, opts: FsOptions, dirty_total: Arc<AtomicU64>) -> FileState {
+    pub(crate) fn new(
+        ino: Ino,
+        size: u64,
+        opts: FsOptions,
+        dirty_total: Arc<AtomicU64>,
+    ) -> FileState {
         FileState {
             ino,
-            inner: Mutex::new(Inner { size, ..Inner::default() }),
+            inner: Mutex::new(Inner {
+                size,
+                ..Inner::default()
+            }),
             cond: Condvar::new(),
             commit_lock: Mutex::new(()),
             opts,
@@ -224,7 +240,8 @@ impl FileState {
         if delta >= 0 {
             self.dirty_total.fetch_add(delta as u64, Ordering::Relaxed);
         } else {
-            self.dirty_total.fetch_sub(delta.unsigned_abs() as u64, Ordering::Relaxed);
+            self.dirty_total
+                .fetch_sub(delta.unsigned_abs() as u64, Ordering::Relaxed);
         }
     }
 
@@ -241,7 +258,9 @@ impl FileState {
 
     /// Buffers a write; may start a background commit or wait for one (back-pressure).
     pub(crate) fn write(self: &Arc<Self>, store: &Store, off: u64, data: &[u8]) -> Result<()> {
-        let end = off.checked_add(data.len() as u64).ok_or_else(|| fs_err!(EFBIG, "write beyond the largest offset"))?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| fs_err!(EFBIG, "write beyond the largest offset"))?;
         let mut g = self.inner.lock();
         if let Some(e) = g.error.take() {
             return Err(e);
@@ -258,13 +277,15 @@ impl FileState {
             g.background = true;
             let me = self.clone();
             let store = store.clone();
-            let spawned = std::thread::Builder::new().name("pvfs-commit".into()).spawn(move || {
-                if let Err(e) = me.flush(&store, false) {
-                    tracing::warn!(ino = me.ino, "background commit failed: {e:#}");
-                }
-                me.inner.lock().background = false;
-                me.cond.notify_all();
-            });
+            let spawned = std::thread::Builder::new()
+                .name("pvfs-commit".into())
+                .spawn(move || {
+                    if let Err(e) = me.flush(&store, false) {
+                        tracing::warn!(ino = me.ino, "background commit failed: {e:#}");
+                    }
+                    me.inner.lock().background = false;
+                    me.cond.notify_all();
+                });
             if spawned.is_err() {
                 g.background = false;
             }
@@ -281,7 +302,12 @@ impl FileState {
                 return Ok(Vec::new());
             }
             let mut overlay = Vec::new();
-            for runs in g.inflight.as_deref().into_iter().chain(std::iter::once(&g.dirty)) {
+            for runs in g
+                .inflight
+                .as_deref()
+                .into_iter()
+                .chain(std::iter::once(&g.dirty))
+            {
                 let first = runs.range(..=off).next_back();
                 for (&k, v) in first.into_iter().chain(runs.range(off + 1..end)) {
                     let a = k.max(off);
@@ -383,7 +409,11 @@ impl FileState {
         let out = op()?;
         let committed = store.node(self.ino).fs()?.map_or(0, |n| n.size);
         let mut g = self.inner.lock();
-        let dirty_end = g.dirty.iter().next_back().map_or(0, |(&k, v)| k + v.len() as u64);
+        let dirty_end = g
+            .dirty
+            .iter()
+            .next_back()
+            .map_or(0, |(&k, v)| k + v.len() as u64);
         g.size = committed.max(dirty_end);
         Ok(out)
     }
@@ -391,12 +421,21 @@ impl FileState {
     /// Shrinks or grows the file to `size`.
     pub(crate) fn truncate(&self, store: &Store, size: u64) -> Result<()> {
         let ino = self.ino;
-        self.exclusive(store, |runs| trim(runs, size), || {
-            store.commit(false, |tx| tx.truncate(ino, size)).fs()?;
-            Ok(())
-        })?;
+        self.exclusive(
+            store,
+            |runs| trim(runs, size),
+            || {
+                store.commit(false, |tx| tx.truncate(ino, size)).fs()?;
+                Ok(())
+            },
+        )?;
         let mut g = self.inner.lock();
-        g.size = size.max(g.dirty.iter().next_back().map_or(0, |(&k, v)| k + v.len() as u64));
+        g.size = size.max(
+            g.dirty
+                .iter()
+                .next_back()
+                .map_or(0, |(&k, v)| k + v.len() as u64),
+        );
         Ok(())
     }
 }
@@ -411,7 +450,10 @@ fn commit_runs(
     force: bool,
     mtime: Option<Timestamp>,
 ) -> Result<Vec<(u64, Vec<u8>)>> {
-    let node = store.node(ino).fs()?.ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
+    let node = store
+        .node(ino)
+        .fs()?
+        .ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
     // Widen each run to the extents around it and merge what touches.
     let mut regions: Vec<(u64, u64)> = Vec::new();
     for (&a, v) in runs {
@@ -442,7 +484,11 @@ fn commit_runs(
         if tail && committed < buf.len() {
             // Never leave committed content of this region uncovered: if the decided part
             // ends before the old extents do, commit the region whole.
-            let old_end = store.extents(ino, s, e).fs()?.last().map_or(s, |&(o, x)| o + u64::from(x.len));
+            let old_end = store
+                .extents(ino, s, e)
+                .fs()?
+                .last()
+                .map_or(s, |&(o, x)| o + u64::from(x.len));
             if s + (committed as u64) < old_end {
                 lens = pvfs_store::cut(&buf, true);
                 committed = buf.len();
@@ -461,11 +507,18 @@ fn commit_runs(
         for len in lens {
             let piece = buf.slice(pos..pos + len);
             if !is_zero(&piece) {
-                extents.push(NewExtent { offset: s + pos as u64, chunk: store.prepare(piece).fs()? });
+                extents.push(NewExtent {
+                    offset: s + pos as u64,
+                    chunk: store.prepare(piece).fs()?,
+                });
             }
             pos += len;
         }
-        edits.push(Edit { start: s, end: s + committed as u64, extents });
+        edits.push(Edit {
+            start: s,
+            end: s + committed as u64,
+            extents,
+        });
     }
     let new_size = match leftover.first() {
         Some(&(tail_start, _)) => node.size.max(tail_start),
@@ -476,9 +529,21 @@ fn commit_runs(
     }
     let mtime = mtime.unwrap_or(node.mtime);
     // Large commits store their new chunks ahead, outside the write-ahead log.
-    let new_bytes: usize = edits.iter().flat_map(|e| &e.extents).filter_map(|x| x.chunk.encoded.as_ref()).map(Vec::len).sum();
+    let new_bytes: usize = edits
+        .iter()
+        .flat_map(|e| &e.extents)
+        .filter_map(|x| x.chunk.encoded.as_ref())
+        .map(Vec::len)
+        .sum();
     if new_bytes >= STAGE_MIN_BYTES {
-        store.stage(edits.iter_mut().flat_map(|e| e.extents.iter_mut()).map(|x| &mut x.chunk)).fs()?;
+        store
+            .stage(
+                edits
+                    .iter_mut()
+                    .flat_map(|e| e.extents.iter_mut())
+                    .map(|x| &mut x.chunk),
+            )
+            .fs()?;
     }
     let res = store
         .commit(false, |tx| {
@@ -493,7 +558,12 @@ fn commit_runs(
         .fs();
     if let Err(e) = res {
         if new_bytes >= STAGE_MIN_BYTES {
-            if let Err(e2) = store.unstage(edits.iter().flat_map(|e| e.extents.iter()).map(|x| &x.chunk)) {
+            if let Err(e2) = store.unstage(
+                edits
+                    .iter()
+                    .flat_map(|e| e.extents.iter())
+                    .map(|x| &x.chunk),
+            ) {
                 tracing::warn!(ino, "dropping staged chunks failed: {e2:#}");
             }
         }

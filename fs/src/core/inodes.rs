@@ -54,7 +54,9 @@ impl InodeTable {
     /// Unregisters an open handle; returns true if it was the last one.
     pub(crate) fn release(&self, ino: Ino) -> bool {
         let mut map = self.map.lock();
-        let Some(e) = map.get_mut(&ino) else { return true };
+        let Some(e) = map.get_mut(&ino) else {
+            return true;
+        };
         e.open = e.open.saturating_sub(1);
         if e.open > 0 {
             return false;
@@ -75,7 +77,11 @@ impl InodeTable {
     }
 
     pub(crate) fn open_files(&self) -> Vec<Arc<FileState>> {
-        self.map.lock().values().filter_map(|e| e.file.clone()).collect()
+        self.map
+            .lock()
+            .values()
+            .filter_map(|e| e.file.clone())
+            .collect()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -21,7 +21,8 @@ impl Fs {
     fn file_state(&self, ino: Ino, size: u64) -> Arc<FileState> {
         let opts = self.opts.clone();
         let dirty = self.dirty_total.clone();
-        self.inodes.open(ino, || Arc::new(FileState::new(ino, size, opts, dirty)))
+        self.inodes
+            .open(ino, || Arc::new(FileState::new(ino, size, opts, dirty)))
     }
 
     pub(crate) fn handle_file(&self, fh: u64) -> Result<(Ino, Arc<FileState>)> {
@@ -96,7 +97,9 @@ impl Fs {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return Err(fs_err!(EBADF, "no open handle {fh}"));
         };
-        let Handle::File { ino, file } = h else { return Ok(()) };
+        let Handle::File { ino, file } = h else {
+            return Ok(());
+        };
         let res = file.flush(&self.store, true);
         drop(file);
         self.release_file(ino)?;
@@ -114,7 +117,10 @@ impl Fs {
     /// `PUNCH_HOLE | KEEP_SIZE`. Other modes are not supported.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let (ino, file) = self.handle_file(fh)?;
-        let end = offset.checked_add(length).filter(|&e| e <= MAX_FILE_SIZE).ok_or_else(|| fs_err!(EFBIG, "range too large"))?;
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or_else(|| fs_err!(EFBIG, "range too large"))?;
         const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
         let store = &self.store;
@@ -124,17 +130,33 @@ impl Fs {
                 if end > size {
                     let avail = store.space().fs()?.available;
                     if end - size > avail {
-                        return Err(fs_err!(ENOSPC, "not enough free space to allocate {length} bytes"));
+                        return Err(fs_err!(
+                            ENOSPC,
+                            "not enough free space to allocate {length} bytes"
+                        ));
                     }
-                    file.exclusive(store, |_| 0, || store.commit(false, |tx| tx.allocate(ino, end)).fs())?;
+                    file.exclusive(
+                        store,
+                        |_| 0,
+                        || store.commit(false, |tx| tx.allocate(ino, end)).fs(),
+                    )?;
                 }
                 Ok(())
             }
             KEEP => Ok(()),
-            m if m == PUNCH | KEEP => {
-                file.exclusive(store, |_| 0, || store.commit(false, |tx| tx.punch_hole(ino, offset, end)).fs())
-            }
-            _ => Err(fs_err!(EOPNOTSUPP, "fallocate mode {mode:#x} is not supported")),
+            m if m == PUNCH | KEEP => file.exclusive(
+                store,
+                |_| 0,
+                || {
+                    store
+                        .commit(false, |tx| tx.punch_hole(ino, offset, end))
+                        .fs()
+                },
+            ),
+            _ => Err(fs_err!(
+                EOPNOTSUPP,
+                "fallocate mode {mode:#x} is not supported"
+            )),
         }
     }
 
@@ -162,12 +184,22 @@ impl Fs {
                 }
                 Ok(pos.min(size))
             }
-            _ => Err(fs_err!(EINVAL, "lseek whence {whence} is not supported here")),
+            _ => Err(fs_err!(
+                EINVAL,
+                "lseek whence {whence} is not supported here"
+            )),
         }
     }
 
     /// Copies a range between (or within) files, sharing chunks instead of copying bytes.
-    pub fn copy_file_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> Result<u64> {
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
         let (ino_in, file_in) = self.handle_file(fh_in)?;
         let (ino_out, file_out) = self.handle_file(fh_out)?;
         let len = len.min(1 << 30);
@@ -183,7 +215,13 @@ impl Fs {
         file_out.exclusive(
             store,
             |_| 0,
-            || store.commit(false, |tx| tx.copy_range(ino_in, off_in, ino_out, off_out, len)).fs(),
+            || {
+                store
+                    .commit(false, |tx| {
+                        tx.copy_range(ino_in, off_in, ino_out, off_out, len)
+                    })
+                    .fs()
+            },
         )
     }
 }

@@ -17,17 +17,26 @@ impl Fs {
         if name.len() > pvfs_store::NAME_MAX {
             return Err(fs_err!(ENAMETOOLONG, "name of {} bytes", name.len()));
         }
-        let d = self
-            .store
-            .lookup(parent, name)
-            .fs()?
-            .ok_or_else(|| fs_err!(ENOENT, "{:?} not found in {parent}", String::from_utf8_lossy(name)))?;
+        let d = self.store.lookup(parent, name).fs()?.ok_or_else(|| {
+            fs_err!(
+                ENOENT,
+                "{:?} not found in {parent}",
+                String::from_utf8_lossy(name)
+            )
+        })?;
         let a = self.getattr(d.ino)?;
         self.remember(d.ino);
         Ok(a)
     }
 
-    fn new_node(&self, parent: Ino, caller: Caller, kind: FileKind, mode: u32, umask: u32) -> Result<NewNode> {
+    fn new_node(
+        &self,
+        parent: Ino,
+        caller: Caller,
+        kind: FileKind,
+        mode: u32,
+        umask: u32,
+    ) -> Result<NewNode> {
         let p = self.node(parent)?;
         let setgid_parent = p.perm & libc::S_ISGID != 0;
         let mut perm = mode & 0o7777 & !umask;
@@ -45,14 +54,26 @@ impl Fs {
     }
 
     fn make(&self, parent: Ino, name: &[u8], new: NewNode) -> Result<Attr> {
-        let (ino, rec) = self.store.commit(false, |tx| tx.create(parent, name, new)).fs()?;
+        let (ino, rec) = self
+            .store
+            .commit(false, |tx| tx.create(parent, name, new))
+            .fs()?;
         self.remember(ino);
         Ok(Attr::from_node(ino, &rec))
     }
 
     /// `mknod`: regular files, fifos, sockets and device nodes.
-    pub fn mknod(&self, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
-        let kind = FileKind::from_mode(mode).ok_or_else(|| fs_err!(EINVAL, "unknown file type in mode {mode:o}"))?;
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let kind = FileKind::from_mode(mode)
+            .ok_or_else(|| fs_err!(EINVAL, "unknown file type in mode {mode:o}"))?;
         if kind == FileKind::Dir || kind == FileKind::Symlink {
             return Err(fs_err!(EINVAL, "mknod cannot make a {kind:?}"));
         }
@@ -64,7 +85,14 @@ impl Fs {
     }
 
     /// `mkdir`.
-    pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
+    pub fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
         let new = self.new_node(parent, caller, FileKind::Dir, mode, umask)?;
         self.make(parent, name, new)
     }
@@ -72,7 +100,11 @@ impl Fs {
     /// `symlink`: `name` in `parent` pointing at `target`.
     pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], caller: Caller) -> Result<Attr> {
         if target.len() > pvfs_store::SYMLINK_MAX {
-            return Err(fs_err!(ENAMETOOLONG, "symlink target of {} bytes", target.len()));
+            return Err(fs_err!(
+                ENAMETOOLONG,
+                "symlink target of {} bytes",
+                target.len()
+            ));
         }
         let mut new = self.new_node(parent, caller, FileKind::Symlink, 0o777, 0)?;
         new.perm = 0o777;
@@ -81,7 +113,14 @@ impl Fs {
     }
 
     /// `create`: a new regular file, opened. Returns its attributes and the handle.
-    pub fn create(&self, parent: Ino, name: &[u8], mode: u32, umask: u32, caller: Caller) -> Result<(Attr, u64)> {
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
         let new = self.new_node(parent, caller, FileKind::File, mode, umask)?;
         let attr = self.make(parent, name, new)?;
         let fh = self.open_new(attr.ino);
@@ -93,7 +132,9 @@ impl Fs {
         if self.node(ino)?.kind == FileKind::Dir {
             return Err(fs_err!(EPERM, "hard links to directories are not allowed"));
         }
-        self.store.commit(false, |tx| tx.link(ino, parent, name)).fs()?;
+        self.store
+            .commit(false, |tx| tx.link(ino, parent, name))
+            .fs()?;
         let a = self.getattr(ino)?;
         self.remember(ino);
         Ok(a)
@@ -102,7 +143,11 @@ impl Fs {
     /// `unlink`: removes a non-directory name.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         let inodes = &self.inodes;
-        self.store.commit(false, |tx| tx.unlink(parent, name, &|ino| inodes.is_open(ino))).fs()?;
+        self.store
+            .commit(false, |tx| {
+                tx.unlink(parent, name, &|ino| inodes.is_open(ino))
+            })
+            .fs()?;
         Ok(())
     }
 
@@ -113,18 +158,37 @@ impl Fs {
     }
 
     /// `rename` with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
-    pub fn rename(&self, sp: Ino, sn: &[u8], dp: Ino, dn: &[u8], noreplace: bool, exchange: bool) -> Result<()> {
+    pub fn rename(
+        &self,
+        sp: Ino,
+        sn: &[u8],
+        dp: Ino,
+        dn: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<()> {
         if noreplace && exchange {
-            return Err(fs_err!(EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together"));
+            return Err(fs_err!(
+                EINVAL,
+                "RENAME_NOREPLACE and RENAME_EXCHANGE together"
+            ));
         }
         let inodes = &self.inodes;
-        let flags = RenameFlags { noreplace, exchange };
-        self.store.commit(false, |tx| tx.rename(sp, sn, dp, dn, flags, &|ino| inodes.is_open(ino))).fs()
+        let flags = RenameFlags {
+            noreplace,
+            exchange,
+        };
+        self.store
+            .commit(false, |tx| {
+                tx.rename(sp, sn, dp, dn, flags, &|ino| inodes.is_open(ino))
+            })
+            .fs()
     }
 
     /// `readlink`.
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
         let n = self.node(ino)?;
-        n.target.ok_or_else(|| fs_err!(EINVAL, "inode {ino} is not a symlink"))
+        n.target
+            .ok_or_else(|| fs_err!(EINVAL, "inode {ino} is not a symlink"))
     }
 }

@@ -26,7 +26,9 @@ fn get(tables: &Tables, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn range(tables: &Tables, cf: Cf, from: &[u8], forward: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let Some(t) = tables.get(&cf) else { return Vec::new() };
+    let Some(t) = tables.get(&cf) else {
+        return Vec::new();
+    };
     if forward {
         t.range::<[u8], _>((Bound::Included(from), Bound::Unbounded))
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -44,10 +46,18 @@ impl ReadView for MemBackend {
         Ok(get(&self.tables.read(), cf, key))
     }
     fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(range(&self.tables.read(), cf, from, true).into_iter().map(Ok))
+        Box::new(
+            range(&self.tables.read(), cf, from, true)
+                .into_iter()
+                .map(Ok),
+        )
     }
     fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(range(&self.tables.read(), cf, from, false).into_iter().map(Ok))
+        Box::new(
+            range(&self.tables.read(), cf, from, false)
+                .into_iter()
+                .map(Ok),
+        )
     }
 }
 
@@ -86,7 +96,13 @@ impl Backend for MemBackend {
         self.get(Cf::Chunks, id)
     }
     fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-        self.write(chunks.into_iter().map(|(k, v)| (Cf::Chunks, k, Some(v))).collect(), false)
+        self.write(
+            chunks
+                .into_iter()
+                .map(|(k, v)| (Cf::Chunks, k, Some(v)))
+                .collect(),
+            false,
+        )
     }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
         Box::new(MemSnapshot(self.tables.read().clone()))

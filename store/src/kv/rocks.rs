@@ -7,8 +7,9 @@
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
-    DBRawIteratorWithThreadMode, FlushOptions, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions,
+    DBCompressionType, DBRawIteratorWithThreadMode, FlushOptions, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
 };
 
 use super::{Backend, BatchOp, Cf, ReadView, Scan};
@@ -25,7 +26,10 @@ pub struct RocksOptions {
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { block_cache_bytes: 128 << 20, chunk_write_buffer_bytes: 64 << 20 }
+        RocksOptions {
+            block_cache_bytes: 128 << 20,
+            chunk_write_buffer_bytes: 64 << 20,
+        }
     }
 }
 
@@ -35,7 +39,9 @@ pub(crate) struct RocksBackend {
 
 impl std::fmt::Debug for RocksBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksBackend").field("path", &self.db.path()).finish()
+        f.debug_struct("RocksBackend")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -95,7 +101,9 @@ impl RocksBackend {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_log_file_size(16 << 20);
         db_opts.set_max_open_files(512);
-        let cfs = Cf::ALL.iter().map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf, &cache, opts)));
+        let cfs = Cf::ALL
+            .iter()
+            .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf, &cache, opts)));
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let msg = e.into_string();
             let reason = if msg.contains("lock") || msg.contains("LOCK") {
@@ -103,13 +111,18 @@ impl RocksBackend {
             } else {
                 msg
             };
-            StoreError::DataDir { path: path.to_path_buf(), reason }
+            StoreError::DataDir {
+                path: path.to_path_buf(),
+                reason,
+            }
         })?;
         Ok(RocksBackend { db })
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
     }
 }
 
@@ -148,18 +161,29 @@ impl Iterator for RawScan<'_> {
     }
 }
 
-fn raw_scan<'a>(mut it: DBRawIteratorWithThreadMode<'a, DB>, from: &[u8], forward: bool) -> Scan<'a> {
+fn raw_scan<'a>(
+    mut it: DBRawIteratorWithThreadMode<'a, DB>,
+    from: &[u8],
+    forward: bool,
+) -> Scan<'a> {
     if forward {
         it.seek(from);
     } else {
         it.seek_for_prev(from);
     }
-    Box::new(RawScan { it, forward, done: false })
+    Box::new(RawScan {
+        it,
+        forward,
+        done: false,
+    })
 }
 
 impl ReadView for RocksBackend {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_pinned_cf(self.cf(cf), key).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
+        self.db
+            .get_pinned_cf(self.cf(cf), key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(db_err)
     }
     fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
         raw_scan(self.db.raw_iterator_cf(self.cf(cf)), from, true)
@@ -176,7 +200,10 @@ struct RocksSnapshot<'a> {
 
 impl ReadView for RocksSnapshot<'_> {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.snap.get_pinned_cf(self.backend.cf(cf), key).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
+        self.snap
+            .get_pinned_cf(self.backend.cf(cf), key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(db_err)
     }
     fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
         raw_scan(self.snap.raw_iterator_cf(self.backend.cf(cf)), from, true)
@@ -188,7 +215,10 @@ impl ReadView for RocksSnapshot<'_> {
 
 impl Backend for RocksBackend {
     fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()> {
-        let bytes: usize = batch.iter().map(|(_, k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16).sum();
+        let bytes: usize = batch
+            .iter()
+            .map(|(_, k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16)
+            .sum();
         let mut wb = WriteBatch::with_capacity_bytes(bytes + 64);
         for (cf, key, value) in &batch {
             match value {
@@ -206,7 +236,10 @@ impl Backend for RocksBackend {
     fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
         let mut ro = ReadOptions::default();
         ro.set_verify_checksums(false);
-        self.db.get_pinned_cf_opt(self.cf(Cf::Chunks), id, &ro).map(|v| v.map(|v| v.to_vec())).map_err(db_err)
+        self.db
+            .get_pinned_cf_opt(self.cf(Cf::Chunks), id, &ro)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(db_err)
     }
     fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         let cf = self.cf(Cf::Chunks);
@@ -223,7 +256,10 @@ impl Backend for RocksBackend {
         self.db.flush_cf_opt(cf, &flush).map_err(db_err)
     }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
-        Box::new(RocksSnapshot { backend: self, snap: self.db.snapshot() })
+        Box::new(RocksSnapshot {
+            backend: self,
+            snap: self.db.snapshot(),
+        })
     }
 
     fn reclaim(&self) -> Result<()> {
@@ -234,13 +270,20 @@ impl Backend for RocksBackend {
         let chunks = self.cf(Cf::Chunks);
         let gc = |on: &str| {
             self.db
-                .set_options_cf(chunks, &[("enable_blob_garbage_collection", on), ("blob_garbage_collection_age_cutoff", "1.0")])
+                .set_options_cf(
+                    chunks,
+                    &[
+                        ("enable_blob_garbage_collection", on),
+                        ("blob_garbage_collection_age_cutoff", "1.0"),
+                    ],
+                )
                 .map_err(db_err)
         };
         gc("true")?;
         let mut opts = CompactOptions::default();
         opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        self.db.compact_range_cf_opt(chunks, None::<&[u8]>, None::<&[u8]>, &opts);
+        self.db
+            .compact_range_cf_opt(chunks, None::<&[u8]>, None::<&[u8]>, &opts);
         gc("false")
     }
 }

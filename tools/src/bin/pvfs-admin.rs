@@ -44,12 +44,21 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Ok(v) => v,
         Err(CallError::Failed(e)) => return Err(e),
         Err(CallError::NotRunning) => match req {
-            Request::Status => anyhow::bail!("no pvfs daemon is running for {}", data.root().display()),
+            Request::Status => {
+                anyhow::bail!("no pvfs daemon is running for {}", data.root().display())
+            }
             Request::Stats | Request::Fsck => {
                 let config = Config::load(&data)?;
-                let opts = pvfs_store::StoreOptions { reserve_bytes: config.store.reserve_mb << 20, ..Default::default() };
-                let store = pvfs_store::Store::open(data.root(), &opts)
-                    .with_context(|| format!("no daemon is running and the store in {} cannot be opened", data.root().display()))?;
+                let opts = pvfs_store::StoreOptions {
+                    reserve_bytes: config.store.reserve_mb << 20,
+                    ..Default::default()
+                };
+                let store = pvfs_store::Store::open(data.root(), &opts).with_context(|| {
+                    format!(
+                        "no daemon is running and the store in {} cannot be opened",
+                        data.root().display()
+                    )
+                })?;
                 match req {
                     Request::Fsck => admin::fsck(&store)?,
                     _ => admin::stats(&store),

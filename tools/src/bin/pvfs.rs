@@ -59,9 +59,17 @@ fn tune_malloc() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Mount { mountpoint, data, background, fuse_threads } => {
-            daemon::mount(MountArgs { mountpoint, data, background, fuse_threads })
-        }
+        Cmd::Mount {
+            mountpoint,
+            data,
+            background,
+            fuse_threads,
+        } => daemon::mount(MountArgs {
+            mountpoint,
+            data,
+            background,
+            fuse_threads,
+        }),
         Cmd::Init { data, name } => {
             let data = DataDir::resolve(data)?;
             let store = daemon::init(&data, name.as_deref())?;

@@ -12,7 +12,7 @@ fn apps_sh_passes_on_a_pvfs_mount() {
     let scratch = s.dir.path().join("apps-scratch");
     let out = Command::new("bash")
         .arg(shared().join("fstests/apps.sh"))
-        .arg(&s.mnt())
+        .arg(s.mnt())
         .env("APPS_SCRATCH", &scratch)
         .output()
         .expect("run apps.sh");

@@ -31,17 +31,15 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The shared fixtures directory (`../shared` beside the repository), or `$PVFS_SHARED`.
+/// The shared fixtures directory: `$PVFS_SHARED`, else the first `shared/` with an
+/// `fstests/` folder beside the repository or one of its ancestors.
 pub fn shared() -> PathBuf {
-    let p = std::env::var_os("PVFS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("fstests").is_dir(),
-        "shared fixtures not found at {} (set PVFS_SHARED)",
-        p.display()
-    );
-    p
+    if let Some(p) = std::env::var_os("PVFS_SHARED") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let found = repo.ancestors().map(|a| a.join("shared")).find(|p| p.join("fstests").is_dir());
+    found.unwrap_or_else(|| panic!("shared fixtures (shared/fstests) not found beside {} (set PVFS_SHARED)", repo.display()))
 }
 
 /// True if this process runs as root (needed for allow_other mounts by other uids, tmpfs,

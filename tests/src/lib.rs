@@ -38,8 +38,16 @@ pub fn shared() -> PathBuf {
         return PathBuf::from(p);
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let found = repo.ancestors().map(|a| a.join("shared")).find(|p| p.join("fstests").is_dir());
-    found.unwrap_or_else(|| panic!("shared fixtures (shared/fstests) not found beside {} (set PVFS_SHARED)", repo.display()))
+    let found = repo
+        .ancestors()
+        .map(|a| a.join("shared"))
+        .find(|p| p.join("fstests").is_dir());
+    found.unwrap_or_else(|| {
+        panic!(
+            "shared fixtures (shared/fstests) not found beside {} (set PVFS_SHARED)",
+            repo.display()
+        )
+    })
 }
 
 /// True if this process runs as root (needed for allow_other mounts by other uids, tmpfs,

@@ -18,6 +18,8 @@
 #   BENCH_STEP_TIMEOUT=900    per-step timeout in seconds (a hung step fails the run)
 #   BENCH_REMOUNT_COLD=1      1: remount the FUSE filesystems before every cold measurement
 #                             (drops the daemons' own caches too); 0: drop_caches only
+#   BENCH_RM_TIMEOUT=300      cap for the tree's rm -rf; past it the row shows ">N" and the
+#                             rate of the part that was removed (the rest goes at cleanup)
 #   BENCH_TREE_SHRINK=auto    1: during passthrough_hp's tree test, evict dentries/inodes
 #                             (echo 2 > drop_caches) every 0.5 s so that it stays under its
 #                             open-file limit; auto: only if that limit is below the tree's
@@ -42,6 +44,7 @@ KEEP=${BENCH_KEEP:-0}
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-900}
 REMOUNT_COLD=${BENCH_REMOUNT_COLD:-1}
 TREE_SHRINK=${BENCH_TREE_SHRINK:-auto}
+RM_TIMEOUT=${BENCH_RM_TIMEOUT:-300}
 PVFS_BIN_DIR=${PVFS_BIN_DIR:-$HOME/.cache/pvfs-target/release}
 PVFS_MOUNT_ARGS=${PVFS_MOUNT_ARGS:-}
 PT_OPTS=${PT_OPTS:---nosplice}
@@ -54,7 +57,7 @@ die() { log "ERROR: $*"; exit 1; }
 has() { [[ " $1 " == *" $2 "* ]]; }
 
 [[ $(id -u) == 0 ]] || die "run as root (drop_caches, mounts)"
-for v in SIZE_MB FIO_MB FIO_RUNTIME APPEND_ITERS TREE_FILES STEP_TIMEOUT; do
+for v in SIZE_MB FIO_MB FIO_RUNTIME APPEND_ITERS TREE_FILES STEP_TIMEOUT RM_TIMEOUT; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive integer"
 done
 
@@ -479,13 +482,25 @@ test_tree() { # fs
     t=$(now); T find "$d/tree" -printf '%s %T@\n' >/dev/null; t=$(since "$t")
     put stat_warm_s "$fs" "$(printf %.2f "$t")"; put stat_warm_fps "$fs" "$(printf %.0f "$(fdiv "$NFILES" "$t")")"
     log "$fs: rm -rf"
-    t=$(now); T rm -rf "$d/tree"; t=$(since "$t")
-    put rm_s "$fs" "$(printf %.2f "$t")"; put rm_fps "$fs" "$(printf %.0f "$(fdiv "$NFILES" "$t")")"
+    local rc=0 left
+    t=$(now); timeout -k 10 "$RM_TIMEOUT" rm -rf "$d/tree" || rc=$?; t=$(since "$t")
+    if ((rc == 124 || rc == 137)); then
+        left=$(T find "$d/tree" -type f 2>/dev/null | wc -l) || true
+        log "$fs: rm -rf stopped after ${RM_TIMEOUT}s with $left of $NFILES files left"
+        put rm_s "$fs" ">$RM_TIMEOUT"
+        put rm_fps "$fs" "<$(printf %.0f "$(fdiv "$((NFILES - left))" "$t")")"
+        NOTES+=("$fs: rm -rf stopped by BENCH_RM_TIMEOUT=${RM_TIMEOUT}s with $left of $NFILES files left; files/s is for the part removed")
+    elif ((rc != 0)); then
+        die "$fs: rm -rf failed (exit $rc)"
+    else
+        put rm_s "$fs" "$(printf %.2f "$t")"; put rm_fps "$fs" "$(printf %.0f "$(fdiv "$NFILES" "$t")")"
+    fi
     stop_shrinker
 }
 
 # ---------------------------------------------------------------- run
 SHRINK_NOTE=""
+NOTES=()
 if has "$TESTS" tree && has "$FS_LIST" passthrough; then
     nofile_hard=$(ulimit -Hn)
     if [[ $TREE_SHRINK == 1 ]] ||
@@ -545,8 +560,8 @@ declare -A LABEL=(
     [rm_s]="rm -rf tree"
     [rm_fps]="rm -rf tree"
 )
-ratio() { # a b
-    [[ -n $1 && -n $2 ]] || { echo "-"; return; }
+ratio() { # a b (only plain numbers; ">300" etc. give "-")
+    [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] || { echo "-"; return; }
     awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'
 }
 git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo "?")
@@ -561,6 +576,7 @@ RESULTS="$RESULTS_DIR/pvfs-bench-$STAMP.txt"
     echo "sizes: seq ${SIZE_MB} MiB, fio ${FIO_MB} MiB ${FIO_RUNTIME}s psync QD1 direct=$FIO_DIRECT, append x$APPEND_ITERS, tree ${NFILES:-?} files"
     echo "cold = $( [[ $REMOUNT_COLD == 1 ]] && echo 'FUSE remount + ' )sync + drop_caches before the measurement"
     [[ -n $SHRINK_NOTE ]] && echo "note: $SHRINK_NOTE"
+    for n in "${NOTES[@]}"; do echo "note: $n"; done
     echo "load average: start $LOAD_START, end $LOAD_END; total ${ELAPSED}s"
     echo
     fmt='%-38s %-8s %-6s %12s %12s %12s %9s %9s\n'

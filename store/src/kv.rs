@@ -82,10 +82,15 @@ pub(crate) type Scan<'a> = Box<dyn Iterator<Item = Result<Kv>> + 'a>;
 pub(crate) trait ReadView {
     /// The value of `key`, if any.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Keys in `[lo, hi)` (`hi = None`: no upper bound), ascending, or descending with
+    /// `reverse`. The bounds go down to the storage engine, so a scan never walks the
+    /// deletion tombstones of keys outside its range.
+    fn scan<'a>(&'a self, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a>;
+
     /// Keys `>= from` in ascending order.
-    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a>;
-    /// Keys `<= from` in descending order.
-    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a>;
+    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
+        self.scan(cf, from, None, false)
+    }
 }
 
 /// A database: reads, atomic batches, durability and snapshots.
@@ -107,14 +112,93 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     fn reclaim(&self) -> Result<()>;
 }
 
+/// The smallest key greater than every key that starts with `prefix`, if there is one.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The smallest key greater than `key`.
+pub(crate) fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.extend_from_slice(key);
+    k.push(0);
+    k
+}
+
 /// Ascending scan restricted to keys starting with `prefix`.
 pub(crate) fn scan_prefix<'a>(view: &'a dyn ReadView, cf: Cf, prefix: &[u8]) -> Scan<'a> {
-    let prefix = prefix.to_vec();
-    Box::new(
-        view.scan_from(cf, &prefix.clone())
-            .take_while(move |r| match r {
-                Ok((k, _)) => k.starts_with(&prefix),
-                Err(_) => true,
-            }),
-    )
+    view.scan(cf, prefix, prefix_end(prefix).as_deref(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+        assert!(key_after(b"ab").as_slice() > b"ab".as_slice());
+        assert!(key_after(b"ab").as_slice() < b"ab\x00\x00".as_slice());
+    }
+
+    fn keys(scan: Scan<'_>) -> Vec<Vec<u8>> {
+        scan.map(|r| r.expect("scan").0).collect()
+    }
+
+    /// Both backends honour `[lo, hi)` in both directions, also next to deleted keys.
+    fn check_bounded_scans(b: &dyn Backend) {
+        let put = |k: &[u8]| (Cf::Extents, k.to_vec(), Some(vec![1]));
+        let del = |k: &[u8]| (Cf::Extents, k.to_vec(), None);
+        b.write(
+            vec![put(b"a1"), put(b"a2"), put(b"b1"), put(b"b2"), put(b"c1")],
+            false,
+        )
+        .expect("write");
+        b.write(vec![del(b"a2"), del(b"b1")], false)
+            .expect("delete");
+        let k = |s: &[&[u8]]| s.iter().map(|k| k.to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(b.scan(Cf::Extents, b"b", Some(b"c"), false)),
+            k(&[b"b2"])
+        );
+        assert_eq!(
+            keys(b.scan(Cf::Extents, b"a", Some(b"c"), true)),
+            k(&[b"b2", b"a1"])
+        );
+        assert_eq!(
+            keys(b.scan(Cf::Extents, b"a1", Some(b"a1\0"), true)),
+            k(&[b"a1"])
+        );
+        assert_eq!(
+            keys(b.scan(Cf::Extents, b"b", None, true)),
+            k(&[b"c1", b"b2"])
+        );
+        assert_eq!(keys(b.scan(Cf::Extents, b"b1", Some(b"b2"), false)), k(&[]));
+        assert_eq!(keys(b.scan(Cf::Extents, b"c", Some(b"b"), true)), k(&[]));
+        assert_eq!(keys(scan_prefix(b, Cf::Extents, b"a")), k(&[b"a1"]));
+        let snap = b.snapshot();
+        assert_eq!(
+            keys(snap.scan(Cf::Extents, b"", Some(b"b3"), true)),
+            k(&[b"b2", b"a1"])
+        );
+    }
+
+    #[test]
+    fn bounded_scans_agree_on_both_backends() {
+        check_bounded_scans(&mem::MemBackend::default());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rocks = rocks::RocksBackend::open(dir.path(), &rocks::RocksOptions::default())
+            .expect("open rocksdb");
+        check_bounded_scans(&rocks);
+    }
 }

@@ -17,7 +17,7 @@ use crate::chunk;
 use crate::error::{Result, StoreError};
 use crate::kv::mem::MemBackend;
 use crate::kv::rocks::{RocksBackend, RocksOptions};
-use crate::kv::{scan_prefix, Backend, Cf, ReadView};
+use crate::kv::{self, scan_prefix, Backend, Cf, ReadView};
 use crate::records::{
     self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, StatsRecord, FORMAT_VERSION,
 };
@@ -516,7 +516,12 @@ impl Store {
     pub fn ops(&self, device: DeviceId, from: u64, limit: usize) -> Result<Vec<OpRecord>> {
         let mut out = Vec::new();
         let start = key::op(device, from);
-        for item in self.inner.backend.scan_from(Cf::Oplog, &start) {
+        let end = kv::prefix_end(&device.0);
+        let ops = self
+            .inner
+            .backend
+            .scan(Cf::Oplog, &start, end.as_deref(), false);
+        for item in ops {
             let (k, v) = item?;
             if !k.starts_with(&device.0) {
                 break;

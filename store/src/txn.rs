@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::chunk;
 use crate::error::{Result, StoreError};
-use crate::kv::{BatchOp, Cf, Kv, ReadView};
+use crate::kv::{self, BatchOp, Cf, Kv, ReadView};
 use crate::records::{
     self, key, DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, RefRecord, StatsRecord,
 };
@@ -125,7 +125,7 @@ impl<'a> Txn<'a> {
             .range((Bound::Included(&lo), Bound::Excluded(&hi)))
             .map(|((_, k), v)| (k.clone(), v.clone()))
             .peekable();
-        let mut base = self.view.scan_from(cf, from).peekable();
+        let mut base = self.view.scan(cf, from, Some(to), false).peekable();
         let mut out = Vec::new();
         while out.len() < limit {
             let base_key = match base.peek() {
@@ -172,7 +172,8 @@ impl<'a> Txn<'a> {
             .rev()
             .map(|((_, k), v)| (k.clone(), v.clone()))
             .peekable();
-        let mut base = self.view.scan_back(cf, at).peekable();
+        let after = kv::key_after(at);
+        let mut base = self.view.scan(cf, lo, Some(&after), true).peekable();
         loop {
             let base_key = match base.peek() {
                 Some(Ok((k, _))) if k.as_slice() >= lo => Some(k.clone()),

@@ -25,39 +25,28 @@ fn get(tables: &Tables, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
     tables.get(&cf).and_then(|t| t.get(key)).cloned()
 }
 
-fn range(tables: &Tables, cf: Cf, from: &[u8], forward: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn range<'a>(tables: &Tables, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a> {
     let Some(t) = tables.get(&cf) else {
-        return Vec::new();
+        return Box::new(std::iter::empty());
     };
-    if forward {
-        t.range::<[u8], _>((Bound::Included(from), Bound::Unbounded))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    } else {
-        t.range::<[u8], _>((Bound::Unbounded, Bound::Included(from)))
-            .rev()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    if hi.is_some_and(|hi| hi <= lo) {
+        return Box::new(std::iter::empty());
     }
+    let upper = hi.map_or(Bound::Unbounded, Bound::Excluded);
+    let items = t.range::<[u8], _>((Bound::Included(lo), upper));
+    let mut out: Vec<_> = items.map(|(k, v)| Ok((k.clone(), v.clone()))).collect();
+    if reverse {
+        out.reverse();
+    }
+    Box::new(out.into_iter())
 }
 
 impl ReadView for MemBackend {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(get(&self.tables.read(), cf, key))
     }
-    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(
-            range(&self.tables.read(), cf, from, true)
-                .into_iter()
-                .map(Ok),
-        )
-    }
-    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(
-            range(&self.tables.read(), cf, from, false)
-                .into_iter()
-                .map(Ok),
-        )
+    fn scan<'a>(&'a self, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a> {
+        range(&self.tables.read(), cf, lo, hi, reverse)
     }
 }
 
@@ -65,11 +54,8 @@ impl ReadView for MemSnapshot {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(get(&self.0, cf, key))
     }
-    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(range(&self.0, cf, from, true).into_iter().map(Ok))
-    }
-    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        Box::new(range(&self.0, cf, from, false).into_iter().map(Ok))
+    fn scan<'a>(&'a self, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a> {
+        range(&self.0, cf, lo, hi, reverse)
     }
 }
 

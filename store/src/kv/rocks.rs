@@ -161,19 +161,36 @@ impl Iterator for RawScan<'_> {
     }
 }
 
+/// Read options that confine an iterator to `[lo, hi)`: RocksDB then stops at the bounds
+/// instead of stepping over every tombstone beyond them (a reverse seek over the extents of
+/// thousands of deleted files costs milliseconds otherwise).
+fn bounded(lo: &[u8], hi: Option<&[u8]>) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(lo.to_vec());
+    if let Some(hi) = hi {
+        ro.set_iterate_upper_bound(hi.to_vec());
+    }
+    ro
+}
+
 fn raw_scan<'a>(
     mut it: DBRawIteratorWithThreadMode<'a, DB>,
-    from: &[u8],
-    forward: bool,
+    lo: &[u8],
+    hi: Option<&[u8]>,
+    reverse: bool,
 ) -> Scan<'a> {
-    if forward {
-        it.seek(from);
+    if hi.is_some_and(|hi| hi <= lo) {
+        return Box::new(std::iter::empty());
+    }
+    if reverse {
+        // Lands on the last key below the upper bound.
+        it.seek_to_last();
     } else {
-        it.seek_for_prev(from);
+        it.seek(lo);
     }
     Box::new(RawScan {
         it,
-        forward,
+        forward: !reverse,
         done: false,
     })
 }
@@ -185,11 +202,9 @@ impl ReadView for RocksBackend {
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(db_err)
     }
-    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        raw_scan(self.db.raw_iterator_cf(self.cf(cf)), from, true)
-    }
-    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        raw_scan(self.db.raw_iterator_cf(self.cf(cf)), from, false)
+    fn scan<'a>(&'a self, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a> {
+        let it = self.db.raw_iterator_cf_opt(self.cf(cf), bounded(lo, hi));
+        raw_scan(it, lo, hi, reverse)
     }
 }
 
@@ -205,11 +220,11 @@ impl ReadView for RocksSnapshot<'_> {
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(db_err)
     }
-    fn scan_from<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        raw_scan(self.snap.raw_iterator_cf(self.backend.cf(cf)), from, true)
-    }
-    fn scan_back<'a>(&'a self, cf: Cf, from: &[u8]) -> Scan<'a> {
-        raw_scan(self.snap.raw_iterator_cf(self.backend.cf(cf)), from, false)
+    fn scan<'a>(&'a self, cf: Cf, lo: &[u8], hi: Option<&[u8]>, reverse: bool) -> Scan<'a> {
+        let it = self
+            .snap
+            .raw_iterator_cf_opt(self.backend.cf(cf), bounded(lo, hi));
+        raw_scan(it, lo, hi, reverse)
     }
 }
 

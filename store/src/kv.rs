@@ -8,6 +8,8 @@
 pub(crate) mod mem;
 pub(crate) mod rocks;
 
+use bytes::Bytes;
+
 use crate::error::Result;
 
 /// The column families of a device's database.
@@ -104,7 +106,7 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Writes chunk data without the write-ahead log and makes it durable by flushing the
     /// chunks column family: large data reaches the disk once, in blob files.
-    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>;
+    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()>;
     /// A point-in-time view.
     fn snapshot(&self) -> Box<dyn ReadView + '_>;
     /// Returns the disk space of deleted data to the filesystem (flush, compact, rewrite

@@ -24,6 +24,11 @@ use crate::records::{
 use crate::txn::{PreparedChunk, Txn, WriterState};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
 
+/// Most threads `Store::prepare_many` hashes and encodes on.
+const PREPARE_THREADS: usize = 4;
+/// Least data per thread for `Store::prepare_many` to use another thread.
+const PREPARE_MIN_BYTES_PER_THREAD: usize = 2 << 20;
+
 /// Settings of a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -446,9 +451,57 @@ impl Store {
     pub fn prepare(&self, plain: Bytes) -> Result<PreparedChunk> {
         let mut c = PreparedChunk::new(plain, false);
         if !self.has_chunk(&c.id)? {
-            c.encoded = Some(chunk::encode(&c.plain));
+            c.encoded = Some(Bytes::from(chunk::encode(&c.plain)));
         }
         Ok(c)
+    }
+
+    /// `prepare` for many chunks, hashed and encoded on several threads when there is enough
+    /// data to be worth it. Results are in the order of `plains`.
+    pub fn prepare_many(&self, plains: Vec<Bytes>) -> Result<Vec<PreparedChunk>> {
+        let total: usize = plains.iter().map(Bytes::len).sum();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(PREPARE_THREADS)
+            .min(total / PREPARE_MIN_BYTES_PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return plains.into_iter().map(|p| self.prepare(p)).collect();
+        }
+        let per = plains.len().div_ceil(threads);
+        let mut parts: Vec<Vec<Bytes>> = Vec::with_capacity(threads);
+        let mut it = plains.into_iter();
+        loop {
+            let part: Vec<Bytes> = it.by_ref().take(per).collect();
+            if part.is_empty() {
+                break;
+            }
+            parts.push(part);
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.into_iter()
+                            .map(|p| self.prepare(p))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for h in handles {
+                match h.join() {
+                    Ok(part) => out.extend(part?),
+                    Err(_) => {
+                        return Err(StoreError::Invalid(
+                            "a chunk hashing thread panicked".into(),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Stores the data of new chunks durably ahead of the commit that will reference them,

@@ -37,7 +37,7 @@ pub struct PreparedChunk {
     /// The plaintext.
     pub plain: Bytes,
     /// The stored encoding, computed ahead of the commit when the chunk looked new.
-    pub encoded: Option<Vec<u8>>,
+    pub encoded: Option<Bytes>,
     /// Set when `Store::stage` already stored the data: the token of its pending marker.
     pub staged: Option<u64>,
 }
@@ -46,7 +46,7 @@ impl PreparedChunk {
     /// Hashes `plain`; encodes it too when `encode` is set.
     pub fn new(plain: Bytes, encode: bool) -> PreparedChunk {
         let id = ChunkId::of(&plain);
-        let encoded = encode.then(|| chunk::encode(&plain));
+        let encoded = encode.then(|| Bytes::from(chunk::encode(&plain)));
         PreparedChunk {
             id,
             plain,
@@ -293,7 +293,7 @@ impl<'a> Txn<'a> {
                     (Some(e), Some(_)) => e.len() as u32,
                     (encoded, _) => {
                         let encoded = match encoded {
-                            Some(e) => e.clone(),
+                            Some(e) => e.to_vec(),
                             None => chunk::encode(&c.plain),
                         };
                         let stored = encoded.len() as u32;

@@ -27,12 +27,19 @@ const STAGE_MIN_BYTES: usize = 4 << 20;
 /// Buffered byte runs by file offset: never overlapping, never touching.
 type Runs = BTreeMap<u64, Vec<u8>>;
 
+/// Runs taken for a commit: immutable, so chunks can be cut from them without a copy.
+type Frozen = BTreeMap<u64, Bytes>;
+
+/// Once a run has grown to this size, it reserves room for a whole commit at once, so that a
+/// streaming writer's buffer is not copied again each time it doubles.
+const RUN_RESERVE_FROM: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct Inner {
     size: u64,
     dirty: Runs,
     dirty_bytes: usize,
-    inflight: Option<Arc<Runs>>,
+    inflight: Option<Arc<Frozen>>,
     mtime: Option<Timestamp>,
     error: Option<FsError>,
     background: bool,
@@ -57,6 +64,12 @@ const READ_AHEAD: u64 = 8 << 20;
 /// Copies `data` into `runs` at `off`, merging with overlapping or adjacent runs.
 /// Returns the change in buffered bytes.
 fn insert(runs: &mut Runs, off: u64, data: &[u8]) -> isize {
+    insert_reserving(runs, off, data, 0)
+}
+
+/// `insert`, where a run that grows past `RUN_RESERVE_FROM` by appending reserves room up to
+/// `reserve` bytes at once.
+fn insert_reserving(runs: &mut Runs, off: u64, data: &[u8], reserve: usize) -> isize {
     if data.is_empty() {
         return 0;
     }
@@ -70,6 +83,10 @@ fn insert(runs: &mut Runs, off: u64, data: &[u8]) -> isize {
         }
         if kend == off && runs.range(off + 1..=end).next().is_none() {
             let v = runs.get_mut(&k).expect("found above");
+            let want = v.len() + data.len();
+            if want > v.capacity() && want >= RUN_RESERVE_FROM && reserve > want {
+                v.reserve_exact(reserve - v.len());
+            }
             v.extend_from_slice(data);
             return data.len() as isize;
         }
@@ -153,17 +170,29 @@ fn trim(runs: &mut Runs, size: u64) -> isize {
     delta
 }
 
-/// Copies the parts of `runs` that overlap `[off, off + out.len())` into `out`.
-fn copy_out(runs: &Runs, off: u64, out: &mut [u8]) {
-    let end = off + out.len() as u64;
+/// The parts of `runs` that overlap `[off, end)`, as (offset, bytes), in order.
+fn overlapping<V: AsRef<[u8]>>(
+    runs: &BTreeMap<u64, V>,
+    off: u64,
+    end: u64,
+) -> impl Iterator<Item = (u64, &[u8])> {
     let first = runs.range(..=off).next_back();
-    for (&k, v) in first.into_iter().chain(runs.range(off + 1..end)) {
-        let a = k.max(off);
-        let b = (k + v.len() as u64).min(end);
-        if a < b {
-            out[(a - off) as usize..(b - off) as usize]
-                .copy_from_slice(&v[(a - k) as usize..(b - k) as usize]);
-        }
+    first
+        .into_iter()
+        .chain(runs.range(off + 1..end.max(off + 1)))
+        .filter_map(move |(&k, v)| {
+            let v = v.as_ref();
+            let a = k.max(off);
+            let b = (k + v.len() as u64).min(end);
+            (a < b).then(|| (a, &v[(a - k) as usize..(b - k) as usize]))
+        })
+}
+
+/// Copies the parts of `runs` that overlap `[off, off + out.len())` into `out`.
+fn copy_out<V: AsRef<[u8]>>(runs: &BTreeMap<u64, V>, off: u64, out: &mut [u8]) {
+    for (a, piece) in overlapping(runs, off, off + out.len() as u64) {
+        let at = (a - off) as usize;
+        out[at..at + piece.len()].copy_from_slice(piece);
     }
 }
 
@@ -268,7 +297,8 @@ impl FileState {
         while g.dirty_bytes >= self.opts.dirty_limit && g.background {
             self.cond.wait(&mut g);
         }
-        let delta = insert(&mut g.dirty, off, data);
+        let reserve = self.opts.commit_threshold + data.len();
+        let delta = insert_reserving(&mut g.dirty, off, data, reserve);
         g.dirty_bytes = g.dirty_bytes.saturating_add_signed(delta);
         self.account(delta);
         g.size = g.size.max(end);
@@ -301,22 +331,11 @@ impl FileState {
             if off >= end {
                 return Ok(Vec::new());
             }
-            let mut overlay = Vec::new();
-            for runs in g
-                .inflight
-                .as_deref()
-                .into_iter()
-                .chain(std::iter::once(&g.dirty))
-            {
-                let first = runs.range(..=off).next_back();
-                for (&k, v) in first.into_iter().chain(runs.range(off + 1..end)) {
-                    let a = k.max(off);
-                    let b = (k + v.len() as u64).min(end);
-                    if a < b {
-                        overlay.push((a, v[(a - k) as usize..(b - k) as usize].to_vec()));
-                    }
-                }
+            let mut overlay: Vec<(u64, Vec<u8>)> = Vec::new();
+            if let Some(inflight) = g.inflight.as_deref() {
+                overlay.extend(overlapping(inflight, off, end).map(|(a, p)| (a, p.to_vec())));
             }
+            overlay.extend(overlapping(&g.dirty, off, end).map(|(a, p)| (a, p.to_vec())));
             (end, overlay)
         };
         let mut buf = vec![0u8; (end - off) as usize];
@@ -347,12 +366,16 @@ impl FileState {
             if g.dirty.is_empty() {
                 return Ok(());
             }
-            let runs = Arc::new(std::mem::take(&mut g.dirty));
+            let runs: Frozen = std::mem::take(&mut g.dirty)
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v)))
+                .collect();
+            let runs = Arc::new(runs);
             g.dirty_bytes = 0;
             g.inflight = Some(runs.clone());
             (runs, g.size, g.mtime.take())
         };
-        let taken: usize = runs.values().map(Vec::len).sum();
+        let taken: usize = runs.values().map(Bytes::len).sum();
         let res = commit_runs(store, self.ino, &runs, size, force, mtime);
         let mut g = self.inner.lock();
         g.inflight = None;
@@ -445,7 +468,7 @@ impl FileState {
 fn commit_runs(
     store: &Store,
     ino: Ino,
-    runs: &Runs,
+    runs: &Frozen,
     size: u64,
     force: bool,
     mtime: Option<Timestamp>,
@@ -475,9 +498,17 @@ fn commit_runs(
     let mut leftover = Vec::new();
     let n_regions = regions.len();
     for (i, (s, e)) in regions.into_iter().enumerate() {
-        let mut buf = vec![0u8; (e - s) as usize];
-        read_committed(store, ino, s, &mut buf)?;
-        copy_out(runs, s, &mut buf);
+        let buf = match runs.get(&s) {
+            // The region is one buffered run (an append, a rewrite of whole chunks): cut the
+            // chunks from it without copying.
+            Some(run) if run.len() as u64 == e - s => run.clone(),
+            _ => {
+                let mut buf = vec![0u8; (e - s) as usize];
+                read_committed(store, ino, s, &mut buf)?;
+                copy_out(runs, s, &mut buf);
+                Bytes::from(buf)
+            }
+        };
         let tail = !force && i + 1 == n_regions && e >= size;
         let mut lens = pvfs_store::cut(&buf, !tail);
         let mut committed: usize = lens.iter().sum();
@@ -496,24 +527,28 @@ fn commit_runs(
         }
         if committed < buf.len() {
             leftover.push((s + committed as u64, buf[committed..].to_vec()));
-            buf.truncate(committed);
         }
         if committed == 0 {
             continue;
         }
-        let buf = Bytes::from(buf);
-        let mut extents = Vec::with_capacity(lens.len());
+        let buf = buf.slice(..committed);
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut pieces = Vec::with_capacity(lens.len());
         let mut pos = 0usize;
         for len in lens {
             let piece = buf.slice(pos..pos + len);
             if !is_zero(&piece) {
-                extents.push(NewExtent {
-                    offset: s + pos as u64,
-                    chunk: store.prepare(piece).fs()?,
-                });
+                offsets.push(s + pos as u64);
+                pieces.push(piece);
             }
             pos += len;
         }
+        let chunks = store.prepare_many(pieces).fs()?;
+        let extents = offsets
+            .into_iter()
+            .zip(chunks)
+            .map(|(offset, chunk)| NewExtent { offset, chunk })
+            .collect();
         edits.push(Edit {
             start: s,
             end: s + committed as u64,
@@ -533,7 +568,7 @@ fn commit_runs(
         .iter()
         .flat_map(|e| &e.extents)
         .filter_map(|x| x.chunk.encoded.as_ref())
-        .map(Vec::len)
+        .map(Bytes::len)
         .sum();
     if new_bytes >= STAGE_MIN_BYTES {
         store

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::{Backend, BatchOp, Cf, ReadView, Scan};
@@ -81,11 +82,11 @@ impl Backend for MemBackend {
     fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
         self.get(Cf::Chunks, id)
     }
-    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()> {
         self.write(
             chunks
                 .into_iter()
-                .map(|(k, v)| (Cf::Chunks, k, Some(v)))
+                .map(|(k, v)| (Cf::Chunks, k, Some(v.to_vec())))
                 .collect(),
             false,
         )

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use bytes::Bytes;
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions,
     DBCompressionType, DBRawIteratorWithThreadMode, FlushOptions, Options, ReadOptions, WriteBatch,
@@ -93,6 +94,7 @@ impl RocksBackend {
         db_opts.set_max_background_jobs(4);
         db_opts.increase_parallelism(2);
         db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_use_direct_io_for_flush_and_compaction(true);
         // Keep the WAL short-lived: once every column family with data in a WAL file has been
         // flushed the file is deleted, usually before the kernel writes it back, so chunk
         // data reaches the disk once (in blob files), not twice. `Backend::sync` still makes
@@ -256,7 +258,7 @@ impl Backend for RocksBackend {
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(db_err)
     }
-    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()> {
         let cf = self.cf(Cf::Chunks);
         let bytes: usize = chunks.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
         let mut wb = WriteBatch::with_capacity_bytes(bytes + 64);

@@ -46,9 +46,21 @@ enum Cmd {
     },
 }
 
+/// `mi_option_purge_delay` in mimalloc.h (the same in mimalloc v2 and v3; the bindings of
+/// `libmimalloc-sys` do not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the kernel only after this long unused: a write stream frees
+/// and allocates tens of MiB per commit, and memory returned at once comes back as freshly
+/// faulted, kernel-zeroed pages (measured: 1 GiB random write 171 -> 197 MB/s).
+const PURGE_DELAY_MS: std::ffi::c_long = 1000;
+
 /// RocksDB allocates write batches and memtable blocks of several MiB with the C allocator:
 /// keep those in the heap for reuse instead of mapping fresh (kernel-zeroed) pages each time.
+/// mimalloc (Rust allocations) keeps freed memory for a while for the same reason.
 fn tune_malloc() {
+    // SAFETY: sets an allocator option; mimalloc reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any other thread runs.
     unsafe {

@@ -16,8 +16,6 @@ pub const AVG_CHUNK: usize = 64 * 1024;
 /// Largest chunk.
 pub const MAX_CHUNK: usize = 256 * 1024;
 
-const TAG_RAW: u8 = 0;
-const TAG_ZSTD: u8 = 1;
 const ZSTD_LEVEL: i32 = 1;
 const SAMPLE: usize = 4096;
 
@@ -49,22 +47,18 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     COMPRESSOR.with(|c| c.borrow_mut().as_mut().and_then(|c| c.compress(data).ok()))
 }
 
-/// The stored form of a chunk: a tag byte, then the plaintext or its zstd frame.
-pub(crate) fn encode(plain: &[u8]) -> Vec<u8> {
+/// The stored form of a chunk: its zstd frame where that saves at least a ninth, otherwise
+/// the plaintext itself (shared, not copied). The length tells them apart: a stored chunk as
+/// long as its plaintext is raw, a shorter one is compressed.
+pub(crate) fn encode(plain: &Bytes) -> Bytes {
     if looks_compressible(plain) {
         if let Some(z) = compress(plain) {
             if z.len() + z.len() / 8 < plain.len() {
-                let mut out = Vec::with_capacity(z.len() + 1);
-                out.push(TAG_ZSTD);
-                out.extend_from_slice(&z);
-                return out;
+                return Bytes::from(z);
             }
         }
     }
-    let mut out = Vec::with_capacity(plain.len() + 1);
-    out.push(TAG_RAW);
-    out.extend_from_slice(plain);
-    out
+    plain.clone()
 }
 
 fn looks_compressible(plain: &[u8]) -> bool {
@@ -84,10 +78,10 @@ pub(crate) fn decode(stored: &[u8], len: usize) -> Result<Vec<u8>> {
 
 /// Like `decode`, but takes the stored bytes by value: raw chunks are not copied again.
 pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
-    match stored.first() {
-        Some(&TAG_RAW) if stored.len() == len + 1 => Ok(Bytes::from(stored).slice(1..)),
-        Some(&TAG_ZSTD) => {
-            let out = zstd::bulk::decompress(&stored[1..], len)
+    match stored.len().cmp(&len) {
+        std::cmp::Ordering::Equal => Ok(Bytes::from(stored)),
+        std::cmp::Ordering::Less => {
+            let out = zstd::bulk::decompress(&stored, len)
                 .map_err(|e| StoreError::corrupt(format!("chunk does not decompress: {e}")))?;
             if out.len() != len {
                 return Err(StoreError::corrupt(
@@ -96,8 +90,8 @@ pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
             }
             Ok(Bytes::from(out))
         }
-        _ => Err(StoreError::corrupt(
-            "chunk has an unknown encoding or the wrong length",
+        std::cmp::Ordering::Greater => Err(StoreError::corrupt(
+            "stored chunk is longer than its plaintext",
         )),
     }
 }
@@ -156,26 +150,26 @@ mod tests {
 
     #[test]
     fn encode_roundtrips_and_skips_random_data() {
-        let text = b"hello pvfs ".repeat(10_000);
+        let text = Bytes::from(b"hello pvfs ".repeat(10_000));
         let enc = encode(&text);
         assert!(enc.len() < text.len() / 4);
         assert_eq!(
-            decode_verified(&ChunkId::of(&text), enc, text.len()).unwrap(),
+            decode_verified(&ChunkId::of(&text), enc.to_vec(), text.len()).unwrap(),
             text
         );
-        let rnd = random(64 << 10, 3);
+        let rnd = Bytes::from(random(64 << 10, 3));
         let enc = encode(&rnd);
-        assert_eq!(enc.len(), rnd.len() + 1);
+        assert_eq!(enc, rnd, "incompressible chunks are stored as they are");
+        assert_eq!(enc.as_ptr(), rnd.as_ptr(), "and not copied");
         assert_eq!(decode(&enc, rnd.len()).unwrap(), rnd);
     }
 
     #[test]
     fn decode_rejects_garbage() {
-        assert!(decode(&[], 0).is_err());
-        assert!(decode(&[7, 1, 2], 2).is_err());
-        assert!(decode(&[TAG_ZSTD, 1, 2, 3], 10).is_err());
-        assert!(decode(&[TAG_RAW, 1, 2, 3], 10).is_err());
-        let text = b"abc".repeat(100);
-        assert!(decode_verified(&ChunkId::of(b"other"), encode(&text), text.len()).is_err());
+        assert!(decode(&[7, 1, 2], 2).is_err(), "longer than the plaintext");
+        assert!(decode(&[1, 2, 3], 10).is_err(), "not a zstd frame");
+        let text = Bytes::from(b"abc".repeat(100));
+        let enc = encode(&text).to_vec();
+        assert!(decode_verified(&ChunkId::of(b"other"), enc, text.len()).is_err());
     }
 }

@@ -104,9 +104,11 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     /// Reads a chunk's stored bytes without RocksDB's block checksum check: callers verify
     /// the chunk's BLAKE3 hash instead, which covers the data end to end.
     fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Writes chunk data without the write-ahead log and makes it durable by flushing the
-    /// chunks column family: large data reaches the disk once, in blob files.
-    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()>;
+    /// Writes chunk data without the write-ahead log and starts flushing the chunks column
+    /// family, without waiting: large data reaches the disk once, in blob files.
+    fn write_chunks(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()>;
+    /// Waits until every chunk written by `write_chunks` so far is durable.
+    fn wait_chunks_durable(&self) -> Result<()>;
     /// A point-in-time view.
     fn snapshot(&self) -> Box<dyn ReadView + '_>;
     /// Returns the disk space of deleted data to the filesystem (flush, compact, rewrite

@@ -32,7 +32,7 @@ pub use ns::{
     SYMLINK_MAX, XATTR_VALUE_MAX,
 };
 pub use records::{DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, StatsRecord};
-pub use store::{RootOwner, SpaceInfo, Store, StoreOptions};
+pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{
     random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO,

@@ -24,6 +24,29 @@ use crate::records::{
 use crate::txn::{PreparedChunk, Txn, WriterState};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
 
+/// New chunks being stored ahead of one commit (`Store::stage_part`).
+#[derive(Debug)]
+pub struct Staging {
+    token: u64,
+    parts: usize,
+}
+
+impl Staging {
+    /// Starts staging for one commit.
+    pub fn new() -> Staging {
+        Staging {
+            token: u64::from_le_bytes(crate::types::random_bytes()),
+            parts: 0,
+        }
+    }
+}
+
+impl Default for Staging {
+    fn default() -> Self {
+        Staging::new()
+    }
+}
+
 /// Most threads `Store::prepare_many` hashes and encodes on.
 const PREPARE_THREADS: usize = 4;
 /// Least data per thread for `Store::prepare_many` to use another thread.
@@ -451,7 +474,7 @@ impl Store {
     pub fn prepare(&self, plain: Bytes) -> Result<PreparedChunk> {
         let mut c = PreparedChunk::new(plain, false);
         if !self.has_chunk(&c.id)? {
-            c.encoded = Some(Bytes::from(chunk::encode(&c.plain)));
+            c.encoded = Some(chunk::encode(&c.plain));
         }
         Ok(c)
     }
@@ -509,9 +532,24 @@ impl Store {
     /// blob files). Each staged chunk gets a pending marker (through the WAL, synced) that
     /// keeps its data alive until a commit references it or `unstage` drops it; markers left
     /// by a crash are cleaned when the store is opened.
+    ///
+    /// Staging goes part by part (`stage_part`), so that storing one part overlaps preparing
+    /// the next; `stage_finish` waits until all of it is durable.
     pub fn stage<'a>(&self, chunks: impl IntoIterator<Item = &'a mut PreparedChunk>) -> Result<()> {
+        let mut staging = Staging::new();
+        self.stage_part(&mut staging, chunks)?;
+        self.stage_finish(staging)
+    }
+
+    /// Stages one part of a commit's new chunks: their markers durably, their data on its
+    /// way to the disk. Chunks already staged or not new are skipped.
+    pub fn stage_part<'a>(
+        &self,
+        staging: &mut Staging,
+        chunks: impl IntoIterator<Item = &'a mut PreparedChunk>,
+    ) -> Result<()> {
         let mut chunks: Vec<&mut PreparedChunk> = chunks.into_iter().collect();
-        let token = u64::from_le_bytes(crate::types::random_bytes());
+        let token = staging.token;
         let mut markers = Vec::new();
         let mut data = Vec::new();
         for c in chunks.iter().filter(|c| c.staged.is_none()) {
@@ -530,17 +568,29 @@ impl Store {
         let bytes: u64 = data.iter().map(|(_, v)| v.len() as u64).sum();
         self.check_space(bytes)?;
         self.inner.backend.write(markers, true)?;
-        self.inner.backend.write_chunks_durably(data)?;
-        if let Some(space) = &self.inner.space {
-            space.consumed(bytes);
-        }
+        // From here on the markers exist: mark the chunks even if the data write fails, so
+        // that `unstage` drops the markers again.
         for c in chunks
             .iter_mut()
             .filter(|c| c.staged.is_none() && c.encoded.is_some())
         {
             c.staged = Some(token);
         }
+        self.inner.backend.write_chunks(data)?;
+        staging.parts += 1;
+        if let Some(space) = &self.inner.space {
+            space.consumed(bytes);
+        }
         Ok(())
+    }
+
+    /// Returns once every part staged through `staging` is durable; only then may a commit
+    /// reference its chunks.
+    pub fn stage_finish(&self, staging: Staging) -> Result<()> {
+        if staging.parts == 0 {
+            return Ok(());
+        }
+        self.inner.backend.wait_chunks_durable()
     }
 
     /// Drops the pending markers of staged chunks whose commit failed, and their data if

@@ -46,7 +46,7 @@ impl PreparedChunk {
     /// Hashes `plain`; encodes it too when `encode` is set.
     pub fn new(plain: Bytes, encode: bool) -> PreparedChunk {
         let id = ChunkId::of(&plain);
-        let encoded = encode.then(|| Bytes::from(chunk::encode(&plain)));
+        let encoded = encode.then(|| chunk::encode(&plain));
         PreparedChunk {
             id,
             plain,
@@ -294,7 +294,7 @@ impl<'a> Txn<'a> {
                     (encoded, _) => {
                         let encoded = match encoded {
                             Some(e) => e.to_vec(),
-                            None => chunk::encode(&c.plain),
+                            None => chunk::encode(&c.plain).to_vec(),
                         };
                         let stored = encoded.len() as u32;
                         self.new_bytes += u64::from(stored);

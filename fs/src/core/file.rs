@@ -16,13 +16,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
-use pvfs_store::{is_zero, Ino, NewExtent, Store, Timestamp};
+use pvfs_store::{is_zero, Ino, NewExtent, PreparedChunk, Staging, Store, Timestamp};
 
 use super::{Attr, FsOptions};
 use crate::error::{FsError, Result, StoreResultExt};
 
-/// New chunk bytes from which a commit stages its chunks ahead (`Store::stage`).
-const STAGE_MIN_BYTES: usize = 4 << 20;
+/// Plaintext bytes hashed and staged as one part (`Store::stage_part`): storing one part
+/// overlaps hashing the next.
+const STAGE_PART_BYTES: usize = 4 << 20;
+/// New (encoded) bytes from which a part is staged ahead of its commit instead of going
+/// through the write-ahead log with it.
+const STAGE_MIN_BYTES: usize = 1 << 20;
 
 /// Buffered byte runs by file offset: never overlapping, never touching.
 type Runs = BTreeMap<u64, Vec<u8>>;
@@ -496,8 +500,71 @@ fn commit_runs(
     }
     let mut edits = Vec::new();
     let mut leftover = Vec::new();
+    let mut staging = Staging::new();
+    let res = edit_regions(
+        store,
+        ino,
+        runs,
+        &regions,
+        (size, force),
+        &mut staging,
+        &mut edits,
+        &mut leftover,
+    );
+    if let Err(e) = res {
+        unstage_edits(store, ino, &edits);
+        return Err(e);
+    }
+    let new_size = match leftover.first() {
+        Some(&(tail_start, _)) => node.size.max(tail_start),
+        None => size,
+    };
+    if edits.is_empty() && new_size == node.size && mtime.is_none() {
+        return Ok(leftover);
+    }
+    let mtime = mtime.unwrap_or(node.mtime);
+    let res = store
+        .stage_finish(staging)
+        .and_then(|()| {
+            store.commit(false, |tx| {
+                if edits.is_empty() {
+                    tx.replace_extents(ino, (new_size, new_size), &[], new_size, mtime)?;
+                }
+                for edit in &edits {
+                    tx.replace_extents(
+                        ino,
+                        (edit.start, edit.end),
+                        &edit.extents,
+                        new_size,
+                        mtime,
+                    )?;
+                }
+                Ok(())
+            })
+        })
+        .fs();
+    if let Err(e) = res {
+        unstage_edits(store, ino, &edits);
+        return Err(e);
+    }
+    Ok(leftover)
+}
+
+/// Re-chunks each region (committed content under the buffered runs) into `edits`; the
+/// content-undecided tail of the last region goes to `leftover` unless `force`.
+#[allow(clippy::too_many_arguments)]
+fn edit_regions(
+    store: &Store,
+    ino: Ino,
+    runs: &Frozen,
+    regions: &[(u64, u64)],
+    (size, force): (u64, bool),
+    staging: &mut Staging,
+    edits: &mut Vec<Edit>,
+    leftover: &mut Vec<(u64, Vec<u8>)>,
+) -> Result<()> {
     let n_regions = regions.len();
-    for (i, (s, e)) in regions.into_iter().enumerate() {
+    for (i, &(s, e)) in regions.iter().enumerate() {
         let buf = match runs.get(&s) {
             // The region is one buffered run (an append, a rewrite of whole chunks): cut the
             // chunks from it without copying.
@@ -543,7 +610,7 @@ fn commit_runs(
             }
             pos += len;
         }
-        let chunks = store.prepare_many(pieces).fs()?;
+        let chunks = prepare_and_stage(store, pieces, staging)?;
         let extents = offsets
             .into_iter()
             .zip(chunks)
@@ -555,56 +622,72 @@ fn commit_runs(
             extents,
         });
     }
-    let new_size = match leftover.first() {
-        Some(&(tail_start, _)) => node.size.max(tail_start),
-        None => size,
-    };
-    if edits.is_empty() && new_size == node.size && mtime.is_none() {
-        return Ok(leftover);
-    }
-    let mtime = mtime.unwrap_or(node.mtime);
-    // Large commits store their new chunks ahead, outside the write-ahead log.
-    let new_bytes: usize = edits
+    Ok(())
+}
+
+/// Drops the staging markers of the chunks of `edits` after their commit failed.
+fn unstage_edits(store: &Store, ino: Ino, edits: &[Edit]) {
+    let chunks: Vec<&PreparedChunk> = edits
         .iter()
         .flat_map(|e| &e.extents)
-        .filter_map(|x| x.chunk.encoded.as_ref())
-        .map(Bytes::len)
-        .sum();
-    if new_bytes >= STAGE_MIN_BYTES {
-        store
-            .stage(
-                edits
-                    .iter_mut()
-                    .flat_map(|e| e.extents.iter_mut())
-                    .map(|x| &mut x.chunk),
-            )
-            .fs()?;
+        .map(|x| &x.chunk)
+        .collect();
+    let _span = tracing::debug_span!("unstage", ino).entered();
+    drop_staged(store, chunks.iter().copied());
+}
+
+/// Drops the staging markers (and data nothing references) of those `chunks` that were
+/// staged; a failure only delays that until the store is opened next.
+fn drop_staged<'a>(store: &Store, chunks: impl IntoIterator<Item = &'a PreparedChunk> + Clone) {
+    if chunks.clone().into_iter().any(|c| c.staged.is_some()) {
+        if let Err(e) = store.unstage(chunks) {
+            tracing::warn!("dropping staged chunks failed: {e:#}");
+        }
     }
-    let res = store
-        .commit(false, |tx| {
-            if edits.is_empty() {
-                tx.replace_extents(ino, (new_size, new_size), &[], new_size, mtime)?;
+}
+
+/// Hashes and encodes `pieces` in parts; a part with enough new data is staged at once, so
+/// that its write overlaps hashing the next part (`Store::stage_part`).
+fn prepare_and_stage(
+    store: &Store,
+    pieces: Vec<Bytes>,
+    staging: &mut Staging,
+) -> Result<Vec<PreparedChunk>> {
+    let mut out: Vec<PreparedChunk> = Vec::with_capacity(pieces.len());
+    let mut part = Vec::new();
+    let mut part_bytes = 0;
+    let mut pieces = pieces.into_iter().peekable();
+    while let Some(piece) = pieces.next() {
+        part_bytes += piece.len();
+        part.push(piece);
+        if part_bytes < STAGE_PART_BYTES && pieces.peek().is_some() {
+            continue;
+        }
+        let first = out.len();
+        let prepared = store.prepare_many(std::mem::take(&mut part));
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                drop_staged(store, &out);
+                return Err(FsError::from_store(e));
             }
-            for edit in &edits {
-                tx.replace_extents(ino, (edit.start, edit.end), &edit.extents, new_size, mtime)?;
-            }
-            Ok(())
-        })
-        .fs();
-    if let Err(e) = res {
+        };
+        out.extend(prepared);
+        part_bytes = 0;
+        let new_bytes: usize = out[first..]
+            .iter()
+            .filter_map(|c| c.encoded.as_ref())
+            .map(Bytes::len)
+            .sum();
         if new_bytes >= STAGE_MIN_BYTES {
-            if let Err(e2) = store.unstage(
-                edits
-                    .iter()
-                    .flat_map(|e| e.extents.iter())
-                    .map(|x| &x.chunk),
-            ) {
-                tracing::warn!(ino, "dropping staged chunks failed: {e2:#}");
+            if let Err(e) = store.stage_part(staging, &mut out[first..]) {
+                // Markers of earlier parts (and of this one, if they were written) go again.
+                drop_staged(store, &out);
+                return Err(FsError::from_store(e));
             }
         }
-        return Err(e);
     }
-    Ok(leftover)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -74,6 +74,8 @@ fn cf_options(cf: Cf, cache: &Cache, opts: &RocksOptions) -> Options {
             // be worth it: automatic GC would rewrite live chunks during every compaction.
             o.set_enable_blob_gc(false);
             o.set_write_buffer_size(opts.chunk_write_buffer_bytes);
+            // Staged parts are flushed one after another while the next part is hashed.
+            o.set_max_write_buffer_number(4);
         }
         _ => {
             o.set_compression_type(DBCompressionType::Lz4);
@@ -258,7 +260,7 @@ impl Backend for RocksBackend {
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(db_err)
     }
-    fn write_chunks_durably(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()> {
+    fn write_chunks(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()> {
         let cf = self.cf(Cf::Chunks);
         let bytes: usize = chunks.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
         let mut wb = WriteBatch::with_capacity_bytes(bytes + 64);
@@ -269,8 +271,16 @@ impl Backend for RocksBackend {
         wo.disable_wal(true);
         self.db.write_opt(wb, &wo).map_err(db_err)?;
         let mut flush = FlushOptions::default();
-        flush.set_wait(true);
+        flush.set_wait(false);
         self.db.flush_cf_opt(cf, &flush).map_err(db_err)
+    }
+    fn wait_chunks_durable(&self) -> Result<()> {
+        // A waiting flush also waits for the memtables that earlier flushes made immutable.
+        let mut flush = FlushOptions::default();
+        flush.set_wait(true);
+        self.db
+            .flush_cf_opt(self.cf(Cf::Chunks), &flush)
+            .map_err(db_err)
     }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
         Box::new(RocksSnapshot {

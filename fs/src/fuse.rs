@@ -127,7 +127,7 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     /// Runs the requests that commit content (flush, fsync, release, truncation, range
     /// operations) on blocking threads, so that chunking and hashing never occupy a FUSE
-    /// session thread.
+    /// session thread; small commits (`Fs::is_light`) run on the session thread.
     blocking: tokio::runtime::Handle,
 }
 
@@ -135,6 +135,16 @@ impl FuseFs {
     /// Wraps the core filesystem.
     pub fn new(fs: Arc<Fs>, blocking: tokio::runtime::Handle) -> FuseFs {
         FuseFs { fs, blocking }
+    }
+
+    /// Runs `op` on a blocking thread if it is `heavy`, else here: handing a small commit to
+    /// another thread costs about as much as doing it.
+    fn run_or_offload(&self, heavy: bool, op: impl FnOnce(&Fs) + Send + 'static) {
+        if heavy {
+            self.offload(op);
+        } else {
+            op(&self.fs);
+        }
     }
 
     /// Runs `op` on a blocking thread; the span goes with it.
@@ -231,18 +241,14 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(set_time),
         };
         let caller = caller(req);
+        // A new size or mtime commits buffered writes first.
         let commits = changes.size.is_some() || changes.mtime.is_some();
-        let run = move |fs: &Fs| {
+        let heavy = commits && (changes.size.is_some() || !self.fs.is_light(ino.0, None));
+        self.run_or_offload(heavy, move |fs: &Fs| {
             reply_result!("setattr", reply, fs.setattr(ino.0, &changes, caller), |a| {
                 reply.attr(&TTL, &file_attr(&a))
             })
-        };
-        if commits {
-            // May commit buffered writes first.
-            self.offload(run);
-        } else {
-            run(&self.fs);
-        }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -440,7 +446,10 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("flush", ino = ino.0, fh = fh.0).entered();
-        self.offload(move |fs| reply_result!("flush", reply, fs.flush(fh.0), |()| reply.ok()));
+        let heavy = !self.fs.is_light(ino.0, Some(fh.0));
+        self.run_or_offload(heavy, move |fs| {
+            reply_result!("flush", reply, fs.flush(fh.0), |()| reply.ok())
+        });
     }
 
     fn release(
@@ -454,7 +463,10 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("release", ino = ino.0, fh = fh.0).entered();
-        self.offload(move |fs| reply_result!("release", reply, fs.release(fh.0), |()| reply.ok()));
+        let heavy = !self.fs.is_light(ino.0, Some(fh.0));
+        self.run_or_offload(heavy, move |fs| {
+            reply_result!("release", reply, fs.release(fh.0), |()| reply.ok())
+        });
     }
 
     fn fsync(

@@ -62,6 +62,10 @@ pub(crate) struct FileState {
     read_ahead: Mutex<(u64, u64)>,
 }
 
+/// Most buffered bytes a commit may have to be run on the requesting thread (`Fs::is_light`):
+/// chunking and storing that much costs about as much as handing it to another thread.
+const LIGHT_COMMIT_MAX: usize = 256 << 10;
+
 /// How far ahead of a sequential reader chunks are loaded.
 const READ_AHEAD: u64 = 8 << 20;
 
@@ -287,6 +291,12 @@ impl FileState {
             a.mtime = m;
             a.ctime = a.ctime.max(m);
         }
+    }
+
+    /// True if committing this file now is quick: little is buffered and no commit runs.
+    pub(crate) fn commit_is_light(&self) -> bool {
+        let g = self.inner.lock();
+        g.dirty_bytes <= LIGHT_COMMIT_MAX && g.inflight.is_none() && !g.background
     }
 
     /// Buffers a write; may start a background commit or wait for one (back-pressure).

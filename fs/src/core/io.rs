@@ -14,6 +14,9 @@ use super::file::FileState;
 use super::{Fs, Handle};
 use crate::error::{Result, StoreResultExt};
 
+/// Largest unlinked file whose deletion at its last close runs on the requesting thread.
+const LIGHT_DELETE_MAX: u64 = 4 << 20;
+
 /// Largest file offset pvfs accepts.
 pub(crate) const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -54,6 +57,24 @@ impl Fs {
     pub(crate) fn open_new(&self, ino: Ino) -> u64 {
         let file = self.file_state(ino, 0);
         self.new_handle(Handle::File { ino, file })
+    }
+
+    /// True if closing, flushing or changing the size or times of the file behind `fh` (or
+    /// of inode `ino`, when `fh` is `None`) is quick enough to run on the requesting thread:
+    /// the commit it implies is small and no large orphan would be deleted.
+    pub fn is_light(&self, ino: Ino, fh: Option<u64>) -> bool {
+        let file = match fh {
+            Some(fh) => self.handle_file(fh).ok().map(|(_, f)| f),
+            None => self.inodes.file(ino),
+        };
+        let light_commit = file.is_none_or(|f| f.commit_is_light());
+        light_commit
+            && self
+                .store
+                .node(ino)
+                .ok()
+                .flatten()
+                .is_some_and(|n| n.nlink > 0 || n.size <= LIGHT_DELETE_MAX)
     }
 
     /// Reads up to `size` bytes at `offset`.

@@ -9,8 +9,8 @@ use std::path::Path;
 use bytes::Bytes;
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions,
-    DBCompressionType, DBRawIteratorWithThreadMode, FlushOptions, Options, ReadOptions, WriteBatch,
-    WriteOptions, DB,
+    DBCompressionType, DBRawIteratorWithThreadMode, Env, FlushOptions, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
 };
 
 use super::{Backend, BatchOp, Cf, ReadView, Scan};
@@ -95,6 +95,14 @@ impl RocksBackend {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(4);
         db_opts.increase_parallelism(2);
+        // Compactions (and `reclaim`, which can rewrite gigabytes) run below the priority of
+        // requests: stat of 30,000 files right after deleting 4 GiB measured 3,300 files/s
+        // with compactions at normal priority, 9,400 with them lowered. Flushes keep normal
+        // priority; fsync waits on them.
+        let mut env = Env::new().map_err(db_err)?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_thread_pool_io_priority();
+        db_opts.set_env(&env);
         db_opts.set_bytes_per_sync(1 << 20);
         db_opts.set_use_direct_io_for_flush_and_compaction(true);
         // Keep the WAL short-lived: once every column family with data in a WAL file has been

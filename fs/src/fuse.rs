@@ -786,7 +786,8 @@ impl Mount {
             config.acl = fuser::SessionACL::All;
         }
         config.n_threads = Some(opts.threads.max(1));
-        config.clone_fd = std::env::var_os("PVFS_NO_CLONE_FD").is_none();
+        // Each session thread reads its own clone of /dev/fuse: replies need no shared lock.
+        config.clone_fd = true;
         let session = fuser::Session::new(FuseFs::new(fs, blocking), mountpoint, &config)?;
         Ok(Mount {
             session,

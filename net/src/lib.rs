@@ -1,0 +1,11 @@
+//! pvfs-net: everything that crosses the network.
+//!
+//! Owns: the wire protocol (`wire`), and, as they land, device pairing, discovery (mDNS and
+//! static peers), the QUIC transport, namespace sync and chunk fetch.
+//! Must not: be imported by `pvfs-fs` (the filesystem asks for absent chunks through a trait
+//! that `tools` wires to this crate), or trust any byte from a peer before validating it.
+
+pub mod error;
+pub mod wire;
+
+pub use error::{NetError, Result};

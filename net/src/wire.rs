@@ -1,0 +1,314 @@
+//! The wire protocol between devices: messages, their encoding, and framing.
+//!
+//! Owns: the `Message` types, their limits, and the frame format: a 4-byte big-endian
+//! length, then the message in postcard's compact binary encoding. Every length is bounded:
+//! a frame longer than `MAX_FRAME` is refused before its body is read, and a decoded message
+//! is checked against the per-message limits before anyone sees it.
+//! Must not: trust a peer. A malformed or oversized frame is an error for the stream that
+//! carried it (the caller closes that stream and logs), never a panic; names and other
+//! content inside ops are validated again where they are applied (`pvfs-store`).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use pvfs_store::{ChunkId, DeviceId, OpRecord, MAX_CHUNK};
+
+use crate::error::{NetError, Result};
+
+/// The QUIC ALPN protocol name.
+pub const ALPN: &[u8] = b"pvfs/1";
+/// The protocol version in `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame body: a whole chunk plus its header fits, with room to spare.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Most ops in one `Ops` message.
+pub const MAX_OPS: usize = 4096;
+/// Most chunk ids in one `Want` or `Missing` message.
+pub const MAX_IDS: usize = 1024;
+/// Most entries in a version vector (devices of one namespace).
+pub const MAX_DEVICES: usize = 4096;
+/// Longest error text.
+pub const MAX_TEXT: usize = 1024;
+
+/// How far one device has seen another's ops: (device, highest contiguous sequence number).
+pub type VersionVector = Vec<(DeviceId, u64)>;
+
+/// The first message on a connection, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// `PROTOCOL_VERSION` of the sender.
+    pub protocol: u16,
+    /// The sender's device id (it must match the certificate of the connection).
+    pub device: DeviceId,
+    /// BLAKE3 of the namespace id: both ends must be in the same namespace.
+    pub namespace: [u8; 32],
+    /// The ops the sender has, per device.
+    pub have: VersionVector,
+}
+
+/// One message on a stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Introduces the sender; first on every connection.
+    Hello(Hello),
+    /// Ops the receiver lacks, in each device's sequence order.
+    Ops(Vec<OpRecord>),
+    /// Asks for the plaintext of these chunks.
+    Want(Vec<ChunkId>),
+    /// One chunk's plaintext; the receiver checks it against `id` before using it.
+    Chunk {
+        /// The chunk's BLAKE3 id.
+        id: ChunkId,
+        /// Its plaintext.
+        data: Bytes,
+    },
+    /// The sender does not hold these chunks.
+    Missing(Vec<ChunkId>),
+    /// The sender closes the stream because of this problem.
+    Error(String),
+}
+
+impl Message {
+    /// Checks the per-message limits (the frame limit is checked by the framing).
+    pub fn validate(&self) -> Result<()> {
+        let over = |what: &str, n: usize, max: usize| {
+            if n > max {
+                Err(NetError::Malformed(format!(
+                    "{what}: {n} entries, at most {max}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Message::Hello(h) => {
+                over("version vector", h.have.len(), MAX_DEVICES)?;
+                let mut devices: Vec<&DeviceId> = h.have.iter().map(|(d, _)| d).collect();
+                devices.sort();
+                devices.dedup();
+                if devices.len() != h.have.len() {
+                    return Err(NetError::Malformed(
+                        "version vector names a device twice".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Message::Ops(ops) => over("ops", ops.len(), MAX_OPS),
+            Message::Want(ids) | Message::Missing(ids) => over("chunk ids", ids.len(), MAX_IDS),
+            Message::Chunk { data, .. } => over("chunk bytes", data.len(), MAX_CHUNK),
+            Message::Error(text) => over("error text bytes", text.len(), MAX_TEXT),
+        }
+    }
+}
+
+/// Encodes `msg` as one frame (length prefix included).
+pub fn encode(msg: &Message) -> Result<Vec<u8>> {
+    msg.validate()?;
+    let mut out = vec![0u8; 4];
+    let mut out = postcard::to_extend(msg, std::mem::take(&mut out))
+        .map_err(|e| NetError::Malformed(format!("encoding: {e}")))?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(NetError::TooLarge {
+            len: len as u64,
+            max: MAX_FRAME as u64,
+        });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Decodes a frame body: exactly one valid message, nothing after it.
+pub fn decode(body: &[u8]) -> Result<Message> {
+    let (msg, rest): (Message, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| NetError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(NetError::Malformed(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Reads the next message; `None` when the stream ends cleanly between frames.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(NetError::Truncated),
+            n => got += n,
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(NetError::TooLarge {
+            len: len as u64,
+            max: MAX_FRAME as u64,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => NetError::Truncated,
+        _ => NetError::Io(e),
+    })?;
+    decode(&body).map(Some)
+}
+
+/// Writes one message.
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
+    w.write_all(&encode(msg)?).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use pvfs_store::{Hlc, OpId, OpKind};
+
+    fn device(n: u8) -> DeviceId {
+        DeviceId([n; 16])
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                device: device(1),
+                namespace: [7; 32],
+                have: vec![(device(1), 10), (device(2), 0)],
+            }),
+            Message::Want(vec![ChunkId([3; 32]), ChunkId([4; 32])]),
+            Message::Chunk {
+                id: ChunkId([5; 32]),
+                data: Bytes::from(vec![9u8; MAX_CHUNK]),
+            },
+            Message::Missing(vec![]),
+            Message::Error("no such namespace".into()),
+        ]
+    }
+
+    async fn roundtrip(msgs: &[Message]) -> Vec<Message> {
+        let (mut a, mut b) = tokio::io::duplex(64 << 10);
+        let sent = msgs.to_vec();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                write_message(&mut a, m).await.expect("write");
+            }
+        });
+        let mut got = Vec::new();
+        while let Some(m) = read_message(&mut b).await.expect("read") {
+            got.push(m);
+        }
+        writer.await.expect("writer");
+        got
+    }
+
+    #[tokio::test]
+    async fn messages_roundtrip_through_frames() {
+        let msgs = samples();
+        assert_eq!(roundtrip(&msgs).await, msgs);
+    }
+
+    #[tokio::test]
+    async fn ops_roundtrip() {
+        let ops = vec![OpRecord {
+            id: OpId {
+                device: device(2),
+                seq: 1,
+            },
+            hlc: Hlc(42),
+            kind: OpKind::SetXattr {
+                node: pvfs_store::NodeId(1),
+                name: b"user.a".to_vec(),
+                value: Some(b"v".to_vec()),
+            },
+        }];
+        let msgs = vec![Message::Ops(ops)];
+        assert_eq!(roundtrip(&msgs).await, msgs);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_its_body_is_read() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        match read_message(&mut b).await {
+            Err(NetError::TooLarge { len, .. }) => assert_eq!(len, u64::from(u32::MAX)),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_frame_is_truncated_not_clean_eof() {
+        let frame = encode(&samples()[1]).unwrap();
+        for cut in [2, 4, frame.len() - 1] {
+            let (mut a, mut b) = tokio::io::duplex(64 << 10);
+            a.write_all(&frame[..cut]).await.unwrap();
+            drop(a);
+            assert!(
+                matches!(read_message(&mut b).await, Err(NetError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced_both_ways() {
+        let too_many = Message::Want(vec![ChunkId([0; 32]); MAX_IDS + 1]);
+        assert!(encode(&too_many).is_err());
+        let body = postcard::to_stdvec(&too_many).unwrap();
+        assert!(matches!(decode(&body), Err(NetError::Malformed(_))));
+        let big_chunk = Message::Chunk {
+            id: ChunkId([0; 32]),
+            data: Bytes::from(vec![0u8; MAX_CHUNK + 1]),
+        };
+        assert!(decode(&postcard::to_stdvec(&big_chunk).unwrap()).is_err());
+        let twice = Message::Hello(Hello {
+            protocol: 1,
+            device: device(1),
+            namespace: [0; 32],
+            have: vec![(device(3), 1), (device(3), 2)],
+        });
+        assert!(decode(&postcard::to_stdvec(&twice).unwrap()).is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut body = postcard::to_stdvec(&samples()[3]).unwrap();
+        body.push(0);
+        assert!(matches!(decode(&body), Err(NetError::Malformed(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Fuzzing the decoder: any bytes give a message or an error, never a panic, and
+        /// whatever decodes re-encodes to a frame that decodes to the same message.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(msg) = decode(&body) {
+                let frame = encode(&msg).expect("a decoded message encodes");
+                prop_assert_eq!(decode(&frame[4..]).expect("re-decodes"), msg);
+            }
+        }
+
+        /// Mutated valid frames (the interesting inputs for a decoder) never panic either.
+        #[test]
+        fn mutated_frames_fail_cleanly(
+            which in 0usize..5,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let mut body = encode(&samples()[which]).unwrap()[4..].to_vec();
+            for (at, byte) in flips {
+                let i = at % body.len();
+                body[i] = byte;
+            }
+            let _ = decode(&body);
+        }
+    }
+}

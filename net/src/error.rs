@@ -19,6 +19,12 @@ pub enum NetError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame")]
     Truncated,
+    /// Certificates, keys or the TLS configuration.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A connection could not be made, or was refused by the peer.
+    #[error("connection: {0}")]
+    Connect(String),
     /// An I/O error on the stream.
     #[error("stream I/O: {0}")]
     Io(#[from] std::io::Error),

@@ -6,6 +6,8 @@
 //! that `tools` wires to this crate), or trust any byte from a peer before validating it.
 
 pub mod error;
+pub mod tls;
+pub mod transport;
 pub mod wire;
 
 pub use error::{NetError, Result};

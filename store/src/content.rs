@@ -105,6 +105,7 @@ impl<'a> Txn<'a> {
             mtime,
         });
         n.version = Some(op);
+        n.stamps.mtime = self.state.hlc;
         self.put_node(ino, &n);
         op
     }

@@ -14,10 +14,11 @@ use crate::chunk;
 use crate::error::Result;
 use crate::kv::{Cf, ReadView};
 use crate::records::{
-    self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, RefRecord, StatsRecord,
+    self, key, DirentRecord, EntryRecord, ExtentRecord, NodeRecord, OpRecord, RefRecord,
+    StatsRecord,
 };
 use crate::store::Store;
-use crate::types::{ChunkId, FileKind, Ino, ROOT_INO};
+use crate::types::{ChunkId, FileKind, Ino, NodeId, ROOT_INO};
 
 const MAX_PROBLEMS: usize = 1000;
 
@@ -40,6 +41,8 @@ pub struct FsckReport {
     pub orphans: u64,
     /// Chunks staged for a commit in progress (normal while the daemon runs).
     pub staged: u64,
+    /// Chunks referenced here but stored only on other devices.
+    pub absent: u64,
     /// Every violated invariant, one line each (at most 1000).
     pub problems: Vec<String>,
 }
@@ -148,6 +151,19 @@ impl Store {
                 ));
                 continue;
             };
+            let want = EntryRecord {
+                parent: nodes.get(&parent).map_or(NodeId(0), |p| p.id),
+                name: name.to_vec(),
+                node: child.id,
+            };
+            match view.get(Cf::Entries, &key::node_id(d.entry))? {
+                Some(b) if records::decode::<EntryRecord>("entry", &b).ok() == Some(want) => {}
+                _ => r.problem(format!(
+                    "dirent {:?} in {parent}: entry {} missing or elsewhere",
+                    String::from_utf8_lossy(name),
+                    d.entry
+                )),
+            }
             if child.kind != d.kind {
                 r.problem(format!(
                     "dirent {:?} in {parent}: kind differs from node {}",
@@ -166,6 +182,10 @@ impl Store {
             }
             *names.entry(d.ino).or_default() += 1;
             children.entry(parent).or_default().push(d.ino);
+        }
+        let entries = all(view, Cf::Entries).count() as u64;
+        if entries != r.dirents {
+            r.problem(format!("{entries} entries but {} dirents", r.dirents));
         }
         let mut orphans: HashSet<Ino> = HashSet::new();
         for item in all(view, Cf::Orphans) {
@@ -262,6 +282,7 @@ impl Store {
 
         // Chunks: reference counts, presence, hashes.
         let mut refs: HashMap<ChunkId, RefRecord> = HashMap::new();
+        let mut referenced: HashSet<ChunkId> = HashSet::new();
         for item in all(view, Cf::Refs) {
             let (k, v) = item?;
             let Ok(id) = k.as_slice().try_into().map(ChunkId) else {
@@ -279,16 +300,22 @@ impl Store {
                             want
                         ));
                     }
-                    stats.chunks += 1;
-                    stats.chunk_bytes += u64::from(rec.len);
-                    stats.stored_bytes += u64::from(rec.stored);
-                    refs.insert(id, rec);
+                    if rec.stored == 0 {
+                        // Content made elsewhere and not fetched yet.
+                        r.absent += 1;
+                    } else {
+                        stats.chunks += 1;
+                        stats.chunk_bytes += u64::from(rec.len);
+                        stats.stored_bytes += u64::from(rec.stored);
+                        refs.insert(id, rec);
+                    }
+                    referenced.insert(id);
                 }
                 Err(e) => r.problem(format!("chunk {}: {e}", id.fmt_short())),
             }
         }
         for id in counted.keys() {
-            if !refs.contains_key(id) {
+            if !referenced.contains(id) {
                 r.problem(format!(
                     "chunk {} is referenced but has no refs entry",
                     id.fmt_short()

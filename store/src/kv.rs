@@ -37,10 +37,16 @@ pub(crate) enum Cf {
     Xattrs,
     /// (chunk id, token) -> () for chunks staged ahead of the commit that references them.
     Pending,
+    /// entry id -> where the entry is (parent node id, name, node).
+    Entries,
+    /// (hlc, device, seq, index) -> entry move, for undo and redo of late ops.
+    Moves,
+    /// node id -> the op that created the node, to rebuild a deleted node that comes back.
+    Born,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 11] = [
+    pub(crate) const ALL: [Cf; 14] = [
         Cf::Meta,
         Cf::Nodes,
         Cf::Ids,
@@ -52,6 +58,9 @@ impl Cf {
         Cf::Orphans,
         Cf::Xattrs,
         Cf::Pending,
+        Cf::Entries,
+        Cf::Moves,
+        Cf::Born,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -67,6 +76,9 @@ impl Cf {
             Cf::Orphans => "orphans",
             Cf::Xattrs => "xattrs",
             Cf::Pending => "pending",
+            Cf::Entries => "entries",
+            Cf::Moves => "moves",
+            Cf::Born => "born",
         }
     }
 }

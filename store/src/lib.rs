@@ -18,6 +18,7 @@ mod fsck;
 mod kv;
 mod ns;
 mod records;
+mod replica;
 mod store;
 mod txn;
 mod types;
@@ -31,7 +32,10 @@ pub use ns::{
     validate_name, NewNode, RenameFlags, SetAttrs, SetTime, XattrMode, LINK_MAX, NAME_MAX,
     SYMLINK_MAX, XATTR_VALUE_MAX,
 };
-pub use records::{DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, StatsRecord};
+pub use records::{
+    DirentRecord, EntryRecord, ExtentRecord, Loc, NodeRecord, OpKind, OpRecord, Stamps, StatsRecord,
+};
+pub use replica::{conflict_name, Applied, Version, VersionVector};
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{

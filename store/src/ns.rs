@@ -8,9 +8,10 @@
 
 use crate::error::{Result, StoreError};
 use crate::kv::Cf;
-use crate::records::{key, DirentRecord, NodeRecord, OpKind};
+use crate::records;
+use crate::records::{key, BornRecord, DirentRecord, EntryRecord, MoveRecord, NodeRecord, OpKind};
 use crate::txn::Txn;
-use crate::types::{FileKind, Ino, NodeId, Timestamp, ROOT_INO};
+use crate::types::{FileKind, Ino, NodeId, OpId, Timestamp, ROOT_INO};
 
 /// Longest name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -121,6 +122,45 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Records, for a local op, that `entry` moved from `from` to `to`: the entry record and
+    /// the move log (local ops always go last in clock order, so nothing is undone).
+    #[allow(clippy::too_many_arguments)]
+    fn moved_local(
+        &mut self,
+        op: OpId,
+        idx: u8,
+        entry: NodeId,
+        node: NodeId,
+        kind: FileKind,
+        from: Option<(NodeId, &[u8])>,
+        to: Option<(NodeId, &[u8])>,
+        seen: Option<OpId>,
+    ) -> Result<()> {
+        let to = to.map(|(p, n)| (p, n.to_vec()));
+        match &to {
+            Some((parent, name)) => self.put_entry(
+                entry,
+                &EntryRecord {
+                    parent: *parent,
+                    name: name.clone(),
+                    node,
+                },
+            ),
+            None => self.delete_entry(entry),
+        }
+        let m = MoveRecord {
+            entry,
+            node,
+            kind,
+            target: to.clone(),
+            from: from.map(|(p, n)| (p, n.to_vec())),
+            to,
+            seen,
+        };
+        self.log_move(op, idx, &m);
+        Ok(())
+    }
+
     fn node_id(&self, ino: Ino) -> Result<NodeId> {
         Ok(self.node_req(ino)?.id)
     }
@@ -157,6 +197,7 @@ impl<'a> Txn<'a> {
             btime: now,
             parent: if is_dir { parent } else { 0 },
             version: None,
+            stamps: Default::default(),
             target: new.target.clone(),
         };
         self.put_node(ino, &rec);
@@ -167,6 +208,7 @@ impl<'a> Txn<'a> {
             DirentRecord {
                 ino,
                 kind: new.kind,
+                entry: rec.id,
             },
         );
         self.touch_dir(parent, if is_dir { 1 } else { 0 })?;
@@ -177,7 +219,7 @@ impl<'a> Txn<'a> {
             FileKind::File => s.files += 1,
             _ => {}
         }
-        self.record(OpKind::Create {
+        let op = self.record(OpKind::Create {
             node: rec.id,
             parent: p.id,
             name: name.to_vec(),
@@ -189,6 +231,21 @@ impl<'a> Txn<'a> {
             target: new.target,
             time: now,
         });
+        let born = BornRecord {
+            created: op,
+            version: None,
+        };
+        self.put(Cf::Born, &key::node_id(rec.id), records::encode(&born));
+        self.moved_local(
+            op,
+            0,
+            rec.id,
+            rec.id,
+            new.kind,
+            None,
+            Some((p.id, name)),
+            None,
+        )?;
         Ok((ino, rec))
     }
 
@@ -216,15 +273,26 @@ impl<'a> Txn<'a> {
         n.nlink += 1;
         n.ctime = self.now();
         self.put_node(ino, &n);
-        self.put_dirent(parent, name, DirentRecord { ino, kind: n.kind });
+        let entry = NodeId::random();
+        self.put_dirent(
+            parent,
+            name,
+            DirentRecord {
+                ino,
+                kind: n.kind,
+                entry,
+            },
+        );
         self.touch_dir(parent, 0)?;
         let time = self.now();
-        self.record(OpKind::Link {
+        let op = self.record(OpKind::Link {
             node: n.id,
+            entry,
             parent: p.id,
             name: name.to_vec(),
             time,
         });
+        self.moved_local(op, 0, entry, n.id, n.kind, None, Some((p.id, name)), None)?;
         Ok(n)
     }
 
@@ -264,6 +332,12 @@ impl<'a> Txn<'a> {
         }
         self.delete(Cf::Nodes, &key::ino(ino));
         self.delete(Cf::Ids, &key::node_id(n.id));
+        if n.version.is_some() {
+            if let Some(mut born) = self.born(n.id)? {
+                born.version = n.version;
+                self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
+            }
+        }
         self.delete(Cf::Orphans, &key::ino(ino));
         let s = &mut self.state.stats;
         s.nodes = s.nodes.saturating_sub(1);
@@ -302,17 +376,21 @@ impl<'a> Txn<'a> {
         if d.kind == FileKind::Dir {
             return Err(StoreError::IsADirectory);
         }
-        let node = self.node_id(d.ino)?;
+        let n = self.node_req(d.ino)?;
         self.delete_dirent(parent, name);
         self.drop_name(d.ino, is_open)?;
         self.touch_dir(parent, 0)?;
         let time = self.now();
-        self.record(OpKind::Unlink {
-            node,
+        let op = self.record(OpKind::Unlink {
+            node: n.id,
+            entry: d.entry,
+            seen: n.version,
             parent: p.id,
             name: name.to_vec(),
             time,
         });
+        let from = Some((p.id, name));
+        self.moved_local(op, 0, d.entry, n.id, n.kind, from, None, n.version)?;
         Ok(d.ino)
     }
 
@@ -337,12 +415,16 @@ impl<'a> Txn<'a> {
         self.drop_name(d.ino, &|_| false)?;
         self.touch_dir(parent, -1)?;
         let time = self.now();
-        self.record(OpKind::Unlink {
+        let op = self.record(OpKind::Unlink {
             node,
+            entry: d.entry,
+            seen: None,
             parent: p.id,
             name: name.to_vec(),
             time,
         });
+        let from = Some((p.id, name));
+        self.moved_local(op, 0, d.entry, node, FileKind::Dir, from, None, None)?;
         Ok(d.ino)
     }
 
@@ -400,7 +482,7 @@ impl<'a> Txn<'a> {
                     "a directory cannot move below itself".into(),
                 ));
             }
-            let dst_id = self.node_id(dst.ino)?;
+            let dst_node = self.node_req(dst.ino)?;
             self.put_dirent(sp, sn, dst);
             self.put_dirent(dp, dn, src);
             for (d, new_parent) in [(src, dp), (dst, sp)] {
@@ -419,16 +501,25 @@ impl<'a> Txn<'a> {
             self.touch_dir(sp, sd)?;
             self.touch_dir(dp, dd)?;
             let time = self.now();
-            self.record(OpKind::Rename {
+            let op = self.record(OpKind::Rename {
                 node: src_id,
+                entry: src.entry,
                 from_parent: sp_rec.id,
                 from_name: sn.to_vec(),
                 to_parent: dp_rec.id,
                 to_name: dn.to_vec(),
-                other: Some(dst_id),
+                other: Some((dst_node.id, dst.entry, dst_node.version)),
                 exchange: true,
                 time,
             });
+            // An exchange is four moves: both names out of the tree, then both back in.
+            let (s_loc, d_loc) = (Some((sp_rec.id, sn)), Some((dp_rec.id, dn)));
+            let (sk, dk) = (src.kind, dst.kind);
+            let dn_id = dst_node.id;
+            self.moved_local(op, 0, src.entry, src_id, sk, s_loc, None, None)?;
+            self.moved_local(op, 1, dst.entry, dn_id, dk, d_loc, None, None)?;
+            self.moved_local(op, 2, src.entry, src_id, sk, None, d_loc, None)?;
+            self.moved_local(op, 3, dst.entry, dn_id, dk, None, s_loc, None)?;
             return Ok(());
         }
         // Like Linux: moving a directory below itself is EINVAL before anything else.
@@ -457,7 +548,10 @@ impl<'a> Txn<'a> {
             replaced = Some(dst);
         }
         let other = match replaced {
-            Some(d) => Some(self.node_id(d.ino)?),
+            Some(d) => {
+                let n = self.node_req(d.ino)?;
+                Some((n.id, d.entry, n.version, n.kind))
+            }
             None => None,
         };
         self.delete_dirent(sp, sn);
@@ -481,16 +575,23 @@ impl<'a> Txn<'a> {
         self.put_node(src.ino, &n);
         self.touch_dir(dp, dp_delta)?;
         let time = self.now();
-        self.record(OpKind::Rename {
+        let op = self.record(OpKind::Rename {
             node: src_id,
+            entry: src.entry,
             from_parent: sp_rec.id,
             from_name: sn.to_vec(),
             to_parent: dp_rec.id,
             to_name: dn.to_vec(),
-            other,
+            other: other.map(|(n, e, v, _)| (n, e, v)),
             exchange: false,
             time,
         });
+        let d_loc = Some((dp_rec.id, dn));
+        if let Some((on, oe, ov, ok)) = other {
+            self.moved_local(op, 0, oe, on, ok, d_loc, None, ov)?;
+        }
+        let s_loc = Some((sp_rec.id, sn));
+        self.moved_local(op, 1, src.entry, src_id, src.kind, s_loc, d_loc, None)?;
         Ok(())
     }
 
@@ -520,7 +621,6 @@ impl<'a> Txn<'a> {
             n.mtime = t;
         }
         n.ctime = now;
-        self.put_node(ino, &n);
         self.record(OpKind::SetAttr {
             node: n.id,
             perm: a.perm.map(|p| p & 0o7777),
@@ -530,6 +630,19 @@ impl<'a> Txn<'a> {
             mtime,
             ctime: now,
         });
+        let hlc = self.state.hlc;
+        let st = &mut n.stamps;
+        for (set, stamp) in [
+            (a.perm.is_some(), &mut st.mode),
+            (a.uid.is_some() || a.gid.is_some(), &mut st.owner),
+            (atime.is_some(), &mut st.atime),
+            (mtime.is_some(), &mut st.mtime),
+        ] {
+            if set {
+                *stamp = hlc;
+            }
+        }
+        self.put_node(ino, &n);
         Ok(n)
     }
 
@@ -561,12 +674,13 @@ impl<'a> Txn<'a> {
         }
         self.put(Cf::Xattrs, &k, value.to_vec());
         n.ctime = self.now();
-        self.put_node(ino, &n);
         self.record(OpKind::SetXattr {
             node: n.id,
             name: name.to_vec(),
             value: Some(value.to_vec()),
         });
+        n.stamps.xattrs = self.state.hlc;
+        self.put_node(ino, &n);
         Ok(())
     }
 
@@ -579,12 +693,13 @@ impl<'a> Txn<'a> {
         }
         self.delete(Cf::Xattrs, &k);
         n.ctime = self.now();
-        self.put_node(ino, &n);
         self.record(OpKind::SetXattr {
             node: n.id,
             name: name.to_vec(),
             value: None,
         });
+        n.stamps.xattrs = self.state.hlc;
+        self.put_node(ino, &n);
         Ok(())
     }
 }

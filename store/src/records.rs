@@ -11,7 +11,7 @@ use crate::error::{Result, StoreError};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp};
 
 /// The on-disk format version written to `meta/format`.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// A node (file, directory, symlink, special file) as stored in `Cf::Nodes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +44,26 @@ pub struct NodeRecord {
     pub parent: Ino,
     /// The op that last changed the content, the base of the next edit (for conflict detection).
     pub version: Option<OpId>,
+    /// When each attribute register was last set (last writer wins between devices).
+    pub stamps: Stamps,
     /// Symlink target.
     pub target: Option<Vec<u8>>,
+}
+
+/// The clocks of a node's last-writer-wins registers. Between devices the later clock wins;
+/// on equal clocks the larger value, so every device picks the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamps {
+    /// Permission bits.
+    pub mode: Hlc,
+    /// Owner and group.
+    pub owner: Hlc,
+    /// Access time.
+    pub atime: Hlc,
+    /// Modification time.
+    pub mtime: Hlc,
+    /// Extended attributes (one register for all of them).
+    pub xattrs: Hlc,
 }
 
 /// A directory entry as stored in `Cf::Dirents`.
@@ -55,6 +73,54 @@ pub struct DirentRecord {
     pub ino: Ino,
     /// The child's kind, so that readdir needs no node lookups.
     pub kind: FileKind,
+    /// The entry's global id: the node's id for its first name (and for every directory),
+    /// a fresh id for each further hard link.
+    pub entry: NodeId,
+}
+
+/// Where an entry (one name of a node) is, in `Cf::Entries`: the replicated tree's edge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    /// The directory.
+    pub parent: NodeId,
+    /// The name in it (after conflict renaming).
+    pub name: Vec<u8>,
+    /// The node named.
+    pub node: NodeId,
+}
+
+/// Where a node came from, in `Cf::Born`: kept after the node is deleted, so that a late op
+/// that brings the node back can rebuild it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BornRecord {
+    /// The `Create` op.
+    pub created: OpId,
+    /// The content version the node had when it was last deleted.
+    pub version: Option<OpId>,
+}
+
+/// A place in the tree: directory and name.
+pub type Loc = (NodeId, Vec<u8>);
+
+/// One entry move in the move log (`Cf::Moves`), keyed by the op's clock, device, sequence
+/// number and the move's index within the op: what undo and redo need.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MoveRecord {
+    /// The entry moved.
+    pub entry: NodeId,
+    /// The node it names.
+    pub node: NodeId,
+    /// The node's kind.
+    pub kind: FileKind,
+    /// Where the op asked the entry to go (`None`: out of the tree).
+    pub target: Option<Loc>,
+    /// Where the entry was before the op (`None`: not in the tree).
+    pub from: Option<Loc>,
+    /// Where the op put it (equals `from` when the move was skipped).
+    pub to: Option<Loc>,
+    /// For moves out of the tree: the content version the op's device saw, so that an edit
+    /// it did not see survives the delete.
+    pub seen: Option<OpId>,
 }
 
 /// One piece of a file's content: the chunk that holds bytes `[offset, offset + len)`.
@@ -139,6 +205,8 @@ pub enum OpKind {
     Link {
         /// The node.
         node: NodeId,
+        /// The new entry.
+        entry: NodeId,
         /// The directory of the new name.
         parent: NodeId,
         /// The new name.
@@ -150,6 +218,10 @@ pub enum OpKind {
     Unlink {
         /// The node the name pointed to.
         node: NodeId,
+        /// The entry removed.
+        entry: NodeId,
+        /// The node's content version when it was removed.
+        seen: Option<OpId>,
         /// The directory.
         parent: NodeId,
         /// The name.
@@ -161,6 +233,8 @@ pub enum OpKind {
     Rename {
         /// The node moved.
         node: NodeId,
+        /// The entry moved.
+        entry: NodeId,
         /// Old directory.
         from_parent: NodeId,
         /// Old name.
@@ -169,8 +243,9 @@ pub enum OpKind {
         to_parent: NodeId,
         /// New name.
         to_name: Vec<u8>,
-        /// The node that had the new name: replaced, or moved to the old name on exchange.
-        other: Option<NodeId>,
+        /// The node and entry that had the new name: replaced, or moved to the old name on
+        /// exchange; with the content version of the replaced node.
+        other: Option<(NodeId, NodeId, Option<OpId>)>,
         /// Whether the two names were swapped.
         exchange: bool,
         /// When.
@@ -283,6 +358,29 @@ pub(crate) mod key {
         k
     }
 
+    /// Move-log key: clock, device, sequence number, index of the move within the op; the
+    /// order is the total order in which ops are applied.
+    pub(crate) fn mv(hlc: Hlc, op: OpId, idx: u8) -> [u8; 33] {
+        let mut k = [0u8; 33];
+        k[..8].copy_from_slice(&hlc.0.to_be_bytes());
+        k[8..24].copy_from_slice(&op.device.0);
+        k[24..32].copy_from_slice(&op.seq.to_be_bytes());
+        k[32] = idx;
+        k
+    }
+
+    /// The device and clock of the op a move-log key belongs to.
+    pub(crate) fn mv_origin(k: &[u8]) -> Result<(DeviceId, Hlc)> {
+        if k.len() != 33 {
+            return Err(StoreError::corrupt("move key length"));
+        }
+        let hlc = Hlc(u64::from_be_bytes(
+            k[..8].try_into().expect("length checked"),
+        ));
+        let dev = DeviceId(k[8..24].try_into().expect("length checked"));
+        Ok((dev, hlc))
+    }
+
     pub(crate) fn op(device: DeviceId, seq: u64) -> [u8; 24] {
         let mut k = [0u8; 24];
         k[..16].copy_from_slice(&device.0);
@@ -297,4 +395,5 @@ pub(crate) mod key {
     pub(crate) const META_NEXT_SEQ: &[u8] = b"next_seq";
     pub(crate) const META_HLC: &[u8] = b"hlc";
     pub(crate) const META_STATS: &[u8] = b"stats";
+    pub(crate) const META_VV: &[u8] = b"vv";
 }

@@ -322,6 +322,11 @@ impl Store {
             next_seq: meta_u64(&*backend, key::META_NEXT_SEQ)?,
             hlc: Hlc(meta_u64(&*backend, key::META_HLC)?),
             stats,
+            vv: match backend.get(Cf::Meta, key::META_VV)? {
+                Some(b) => records::decode("version vector", &b)?,
+                None => Default::default(),
+            },
+            vv_changed: false,
         };
         clean_staged(&*backend)?;
         let cache_items = (opts.chunk_cache_bytes / chunk::AVG_CHUNK as u64).max(16) as usize;
@@ -363,6 +368,16 @@ impl Store {
         self.inner.namespace
     }
 
+    /// A copy of the writer's counters and clock.
+    pub(crate) fn writer_state(&self) -> WriterState {
+        self.inner.writer.lock().clone()
+    }
+
+    /// A read-only transaction view of the current state.
+    pub(crate) fn reader_txn(&self) -> Txn<'_> {
+        self.reader()
+    }
+
     /// A read-only transaction view of the current state.
     fn reader(&self) -> Txn<'_> {
         let state = WriterState {
@@ -371,6 +386,8 @@ impl Store {
             next_seq: 0,
             hlc: Hlc::default(),
             stats: StatsRecord::default(),
+            vv: Default::default(),
+            vv_changed: false,
         };
         Txn::new(&*self.inner.backend, state, Timestamp::now())
     }
@@ -797,6 +814,7 @@ fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Resu
         btime: now,
         parent: ROOT_INO,
         version: None,
+        stamps: Default::default(),
         target: None,
     };
     let stats = StatsRecord {

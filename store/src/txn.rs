@@ -14,7 +14,8 @@ use crate::chunk;
 use crate::error::{Result, StoreError};
 use crate::kv::{self, BatchOp, Cf, Kv, ReadView};
 use crate::records::{
-    self, key, DirentRecord, ExtentRecord, NodeRecord, OpKind, OpRecord, RefRecord, StatsRecord,
+    self, key, BornRecord, DirentRecord, EntryRecord, ExtentRecord, MoveRecord, NodeRecord, OpKind,
+    OpRecord, RefRecord, StatsRecord,
 };
 use crate::types::{ChunkId, DeviceId, Hlc, Ino, NodeId, OpId, Timestamp};
 
@@ -26,6 +27,9 @@ pub(crate) struct WriterState {
     pub(crate) next_seq: u64,
     pub(crate) hlc: Hlc,
     pub(crate) stats: StatsRecord,
+    /// Highest sequence number applied from each other device.
+    pub(crate) vv: BTreeMap<DeviceId, u64>,
+    pub(crate) vv_changed: bool,
 }
 
 /// A chunk ready to be referenced: its id, plaintext, and (if it was new when prepared) its
@@ -237,6 +241,33 @@ impl<'a> Txn<'a> {
         self.delete(Cf::Dirents, &key::dirent(parent, name));
     }
 
+    /// Where the entry `id` is, if it is in the tree.
+    pub fn entry(&self, id: NodeId) -> Result<Option<EntryRecord>> {
+        self.get(Cf::Entries, &key::node_id(id))?
+            .map(|b| records::decode("entry", &b))
+            .transpose()
+    }
+
+    pub(crate) fn put_entry(&mut self, id: NodeId, e: &EntryRecord) {
+        self.put(Cf::Entries, &key::node_id(id), records::encode(e));
+    }
+
+    pub(crate) fn delete_entry(&mut self, id: NodeId) {
+        self.delete(Cf::Entries, &key::node_id(id));
+    }
+
+    pub(crate) fn born(&self, id: NodeId) -> Result<Option<BornRecord>> {
+        self.get(Cf::Born, &key::node_id(id))?
+            .map(|b| records::decode("born", &b))
+            .transpose()
+    }
+
+    /// Logs the `idx`-th entry move of the op just recorded (`op`, at the current clock).
+    pub(crate) fn log_move(&mut self, op: OpId, idx: u8, m: &MoveRecord) {
+        let hlc = self.state.hlc;
+        self.put(Cf::Moves, &key::mv(hlc, op, idx), records::encode(m));
+    }
+
     /// Records an op made on this device now; returns its id.
     pub(crate) fn record(&mut self, kind: OpKind) -> OpId {
         let id = OpId {
@@ -283,11 +314,12 @@ impl<'a> Txn<'a> {
         let len = u32::try_from(c.plain.len())
             .map_err(|_| StoreError::Invalid("chunk too large".into()))?;
         let rec = match self.refs(&c.id)? {
-            Some(mut r) => {
+            Some(mut r) if r.stored > 0 => {
                 r.count += 1;
                 r
             }
-            None => {
+            absent => {
+                let count = absent.map_or(0, |r| r.count) + 1;
                 let stored = match (&c.encoded, c.staged) {
                     // Staged: the data is stored already and its pending marker kept it.
                     (Some(e), Some(_)) => e.len() as u32,
@@ -305,17 +337,38 @@ impl<'a> Txn<'a> {
                 self.state.stats.chunks += 1;
                 self.state.stats.chunk_bytes += u64::from(len);
                 self.state.stats.stored_bytes += u64::from(stored);
-                RefRecord {
-                    count: 1,
-                    len,
-                    stored,
-                }
+                RefRecord { count, len, stored }
             }
         };
         self.put(Cf::Refs, &c.id.0, records::encode(&rec));
         if let Some(token) = c.staged {
             self.delete(Cf::Pending, &key::pending(&c.id, token));
         }
+        Ok(())
+    }
+
+    /// Adds one reference to a chunk that may not be stored here (content made on another
+    /// device): an absent chunk is recorded with stored length 0 until it is fetched.
+    pub(crate) fn incref_id(&mut self, id: &ChunkId, len: u32) -> Result<()> {
+        let r = match self.refs(id)? {
+            Some(mut r) => {
+                if r.len != len {
+                    return Err(StoreError::Invalid(format!(
+                        "chunk {} has length {}, not {len}",
+                        id.fmt_short(),
+                        r.len
+                    )));
+                }
+                r.count += 1;
+                r
+            }
+            None => RefRecord {
+                count: 1,
+                len,
+                stored: 0,
+            },
+        };
+        self.put(Cf::Refs, &id.0, records::encode(&r));
         Ok(())
     }
 
@@ -345,7 +398,10 @@ impl<'a> Txn<'a> {
             )));
         };
         r.count = r.count.saturating_sub(1);
-        if r.count == 0 {
+        if r.count == 0 && r.stored == 0 {
+            // Never fetched: nothing stored, nothing counted.
+            self.delete(Cf::Refs, &id.0);
+        } else if r.count == 0 {
             self.delete(Cf::Refs, &id.0);
             // A staged write of the same chunk is about to reference this data: keep it.
             if !self.is_staged(id)? {
@@ -430,6 +486,9 @@ impl<'a> Txn<'a> {
         );
         self.put(Cf::Meta, key::META_HLC, st.hlc.0.to_be_bytes().to_vec());
         self.put(Cf::Meta, key::META_STATS, records::encode(&st.stats));
+        if st.vv_changed {
+            self.put(Cf::Meta, key::META_VV, records::encode(&st.vv));
+        }
         let batch = self
             .overlay
             .into_iter()

@@ -1,0 +1,1150 @@
+//! Ops from other devices, applied so that every device converges on the same tree.
+//!
+//! Owns: the version vector; validation of remote ops; the move log's undo and redo
+//! (Kleppmann et al., "A highly-available move operation for replicated trees": moves apply
+//! in clock order, a late op undoes the later moves it interacts with, applies, and redoes
+//! them; a move that would make a cycle is skipped); conflict names; last-writer-wins
+//! attributes; content versions; conflict copies; rebuilding a node that a late op brings
+//! back.
+//! Must not: talk to the network or choose what to send (that is `net`), or check
+//! permissions: a member's ops are authorised by membership.
+//!
+//! Rules that keep every version (DESIGN.md, "Nothing is lost silently"), each a function of
+//! the ops alone, so that every device reaches the same state:
+//! - Two entries that end up with one name in one directory: the later move (in clock order)
+//!   gets `name (conflict <device> <date>).ext`.
+//! - A move into a directory that is gone goes to the root under a conflict name.
+//! - Removing a directory that is not empty (a concurrent create landed in it) is skipped.
+//! - Concurrent content edits: the later edit (clock, then device) is the file's content. The
+//!   device whose own edit lost keeps it as a conflict copy, with ordinary ops of its own, so
+//!   the copy reaches every device. The same device restores its edit as a copy when a delete
+//!   that had not seen the edit removes the file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::error::{Result, StoreError};
+use crate::kv::{self, Cf};
+use crate::ns::{validate_name, NAME_MAX, SYMLINK_MAX, XATTR_VALUE_MAX};
+use crate::records::{
+    self, key, BornRecord, DirentRecord, EntryRecord, ExtentRecord, Loc, MoveRecord, NodeRecord,
+    OpKind, OpRecord,
+};
+use crate::store::Store;
+use crate::txn::Txn;
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO};
+
+/// For each device, the highest sequence number of its ops that a store holds.
+pub type VersionVector = BTreeMap<DeviceId, u64>;
+
+/// A file's content as offset -> (chunk, length).
+type ExtentMap = BTreeMap<u64, (ChunkId, u32)>;
+
+/// A file's content as (offset, chunk, length) triples, and its size.
+pub type Version = (Vec<(u64, ChunkId, u32)>, u64);
+
+/// Longest base chain followed when rebuilding a version (a bound against corrupt logs).
+const MAX_CHAIN: usize = 1 << 20;
+
+/// What applying remote ops changed, for invalidating the kernel's caches.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    /// Ops applied (duplicates excluded).
+    pub applied: usize,
+    /// Ops already held.
+    pub duplicates: usize,
+    /// Directory entries added or removed: (directory, name).
+    pub names: Vec<(Ino, Vec<u8>)>,
+    /// Nodes whose attributes or content changed.
+    pub nodes: Vec<Ino>,
+    /// Conflict copies made of this device's versions.
+    pub conflict_copies: usize,
+    /// Moves skipped (cycles, non-empty directories).
+    pub skipped_moves: usize,
+}
+
+/// One entry move requested by an op.
+struct Move {
+    entry: NodeId,
+    node: NodeId,
+    kind: FileKind,
+    target: Option<Loc>,
+    seen: Option<OpId>,
+}
+
+/// What a set of moves touches: a later move that touches any of it may end differently
+/// once they are applied before it, so it is undone and redone. Other later moves commute.
+#[derive(Default)]
+struct Interest {
+    /// Entries, nodes and the directories of every place involved.
+    ids: HashSet<NodeId>,
+    /// Places (directory, name) involved.
+    slots: HashSet<Loc>,
+    /// Whether a directory moves: then every later directory move may change (cycles).
+    dirs: bool,
+}
+
+impl Interest {
+    /// `locs[0]` is the move's target.
+    fn add(&mut self, entry: NodeId, node: NodeId, kind: FileKind, locs: &[&Option<Loc>]) {
+        self.ids.insert(entry);
+        self.ids.insert(node);
+        self.dirs |= kind == FileKind::Dir;
+        if kind == FileKind::Dir && locs[0].is_none() {
+            // Removing a directory sends later moves into it to the root instead.
+            self.ids.insert(NodeId::ROOT);
+        }
+        for l in locs.iter().copied().flatten() {
+            self.ids.insert(l.0);
+            self.slots.insert(l.clone());
+        }
+    }
+
+    fn hits(&self, entry: NodeId, node: NodeId, kind: FileKind, locs: &[&Option<Loc>]) -> bool {
+        self.ids.contains(&entry)
+            || self.ids.contains(&node)
+            || (self.dirs && kind == FileKind::Dir)
+            || locs
+                .iter()
+                .copied()
+                .flatten()
+                .any(|l| self.ids.contains(&l.0) || self.slots.contains(l))
+    }
+}
+
+/// State of one `apply_remote` call.
+#[derive(Default)]
+struct Cx {
+    out: Applied,
+    /// Nodes whose entries changed: settled (deleted or kept) at the end.
+    touched: BTreeSet<NodeId>,
+    /// Nodes a remote op took out of the tree: (version that op's device saw, last place).
+    removed: HashMap<NodeId, (Option<OpId>, Loc)>,
+    nodes: BTreeSet<Ino>,
+}
+
+/// A conflict name: `stem (conflict <device> <date>).ext`, within `NAME_MAX`.
+pub fn conflict_name(name: &[u8], device: DeviceId, hlc: Hlc, n: u32) -> Vec<u8> {
+    let (stem, ext) = match name.iter().rposition(|&b| b == b'.') {
+        Some(i) if i > 0 && name.len() - i <= 16 => (&name[..i], &name[i..]),
+        _ => (name, &name[name.len()..]),
+    };
+    let (y, m, d) = civil_date(hlc.millis() / 86_400_000);
+    let mut tag = format!(" (conflict {} {y:04}-{m:02}-{d:02}", device.fmt_short());
+    if n > 0 {
+        tag.push_str(&format!(" {}", n + 1));
+    }
+    tag.push(')');
+    let room = NAME_MAX - tag.len() - ext.len();
+    let mut stem = &stem[..stem.len().min(room)];
+    // Do not cut a UTF-8 sequence in half.
+    while !stem.is_empty() && std::str::from_utf8(stem).is_err() && stem.len() + 3 > room {
+        stem = &stem[..stem.len() - 1];
+    }
+    let mut out = stem.to_vec();
+    out.extend_from_slice(tag.as_bytes());
+    out.extend_from_slice(ext);
+    out
+}
+
+/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_date(days: u64) -> (i64, u32, u32) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn invalid(what: impl Into<String>) -> StoreError {
+    StoreError::Invalid(what.into())
+}
+
+/// Checks every field of a remote op that could hurt: names, targets, sizes, extents.
+fn validate(op: &OpRecord) -> Result<()> {
+    let check_target = |t: &Option<Vec<u8>>| match t {
+        Some(t) if t.is_empty() || t.len() > SYMLINK_MAX || t.contains(&0) => {
+            Err(invalid("bad symlink target"))
+        }
+        _ => Ok(()),
+    };
+    match &op.kind {
+        OpKind::Create {
+            node,
+            name,
+            kind,
+            target,
+            ..
+        } => {
+            validate_name(name)?;
+            check_target(target)?;
+            if (*kind == FileKind::Symlink) != target.is_some() || *node == NodeId::ROOT {
+                return Err(invalid("malformed create"));
+            }
+        }
+        OpKind::Link { name, .. } | OpKind::Unlink { name, .. } => validate_name(name)?,
+        OpKind::Rename {
+            from_name, to_name, ..
+        } => {
+            validate_name(from_name)?;
+            validate_name(to_name)?;
+        }
+        OpKind::SetAttr { .. } => {}
+        OpKind::SetXattr { name, value, .. } => {
+            if name.is_empty() || name.len() > NAME_MAX {
+                return Err(invalid("bad extended attribute name"));
+            }
+            if value.as_ref().is_some_and(|v| v.len() > XATTR_VALUE_MAX) {
+                return Err(invalid("extended attribute too large"));
+            }
+        }
+        OpKind::Content {
+            start,
+            end,
+            extents,
+            size,
+            ..
+        } => {
+            if start > end {
+                return Err(invalid("content range reversed"));
+            }
+            let mut pos = 0u64;
+            for &(off, _, len) in extents {
+                let stop = off
+                    .checked_add(u64::from(len))
+                    .ok_or_else(|| invalid("extent overflows"))?;
+                if off < pos || len == 0 || len as usize > crate::chunk::MAX_CHUNK || stop > *size {
+                    return Err(invalid("extents overlap, are empty or lie beyond the size"));
+                }
+                pos = stop;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies a content delta to an extent map: extents overlapping `[start, end)` or reaching
+/// past `size` go, the op's extents come in.
+fn apply_delta(
+    map: &mut ExtentMap,
+    start: u64,
+    end: u64,
+    extents: &[(u64, ChunkId, u32)],
+    size: u64,
+) {
+    map.retain(|&off, &mut (_, len)| {
+        let stop = off + u64::from(len);
+        let overlaps = off < end && stop > start;
+        !overlaps && stop <= size
+    });
+    for &(off, id, len) in extents {
+        map.insert(off, (id, len));
+    }
+}
+
+impl Store {
+    /// The version vector of this store: every device's highest op held here.
+    pub fn version_vector(&self) -> VersionVector {
+        let st = self.writer_state();
+        let mut vv = st.vv.clone();
+        if st.next_seq > 1 {
+            vv.insert(st.device, st.next_seq - 1);
+        }
+        vv
+    }
+
+    /// Ops held here that a device with version vector `have` lacks, in clock order (which
+    /// respects causality), at most `limit`.
+    pub fn ops_after(&self, have: &VersionVector, limit: usize) -> Result<Vec<OpRecord>> {
+        let mut all = Vec::new();
+        for (dev, &top) in &self.version_vector() {
+            let from = have.get(dev).copied().unwrap_or(0);
+            if from < top {
+                all.extend(self.ops(*dev, from + 1, limit)?);
+            }
+        }
+        all.sort_by_key(|o| (o.hlc, o.id));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// The extents and size of `node` at content version `version`, rebuilt from the op log
+    /// (for conflict resolution, history, and tests).
+    pub fn version_content(&self, node: NodeId, version: OpId) -> Result<Version> {
+        let (map, size) = self.reader_txn().materialize(node, Some(version))?;
+        Ok((map.into_iter().map(|(o, (c, l))| (o, c, l)).collect(), size))
+    }
+
+    /// Applies ops from other devices, in one transaction. Ops must come in clock order
+    /// per device and without gaps (as `ops_after` yields them); ops already held are skipped.
+    /// `is_open` says which local inodes are open (an open file that loses its last name
+    /// stays until closed).
+    pub fn apply_remote(&self, ops: &[OpRecord], is_open: &dyn Fn(Ino) -> bool) -> Result<Applied> {
+        self.commit(false, |tx| {
+            let mut cx = Cx::default();
+            for op in ops {
+                tx.apply_one(op, &mut cx).map_err(|e| {
+                    invalid(format!(
+                        "op {}#{} from a peer: {e}",
+                        op.id.device.fmt_short(),
+                        op.id.seq
+                    ))
+                })?;
+            }
+            tx.settle(&mut cx, is_open)?;
+            cx.out.nodes = cx.nodes.into_iter().collect();
+            Ok(cx.out)
+        })
+    }
+}
+
+impl Txn<'_> {
+    fn ino_of_id(&self, id: NodeId) -> Result<Option<Ino>> {
+        self.get(Cf::Ids, &key::node_id(id))?
+            .map(|v| key::ino_of(&v))
+            .transpose()
+    }
+
+    fn op_at(&self, id: OpId) -> Result<Option<OpRecord>> {
+        self.get(Cf::Oplog, &key::op(id.device, id.seq))?
+            .map(|b| records::decode("op", &b))
+            .transpose()
+    }
+
+    fn apply_one(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
+        let dev = op.id.device;
+        let have = if dev == self.state.device {
+            self.state.next_seq - 1
+        } else {
+            self.state.vv.get(&dev).copied().unwrap_or(0)
+        };
+        if op.id.seq <= have {
+            cx.out.duplicates += 1;
+            return Ok(());
+        }
+        if dev == self.state.device {
+            return Err(invalid("an op of this device that it never made"));
+        }
+        if op.id.seq != have + 1 {
+            return Err(invalid(format!("gap: expected #{}", have + 1)));
+        }
+        validate(op)?;
+        if op.hlc.millis() > self.now().millis() + 60_000 {
+            tracing::warn!(
+                device = %dev.fmt_short(),
+                "a peer's clock is more than a minute ahead of ours"
+            );
+        }
+        self.state.vv.insert(dev, op.id.seq);
+        self.state.vv_changed = true;
+        self.state.hlc = self.state.hlc.max(op.hlc);
+        self.put(Cf::Oplog, &key::op(dev, op.id.seq), records::encode(op));
+        cx.out.applied += 1;
+        let moves = match &op.kind {
+            OpKind::Create {
+                node,
+                parent,
+                name,
+                kind,
+                ..
+            } => {
+                if self.born(*node)?.is_some() || self.ino_of_id(*node)?.is_some() {
+                    return Err(invalid(format!("node {node} is created twice")));
+                }
+                let born = BornRecord {
+                    created: op.id,
+                    version: None,
+                };
+                self.put(Cf::Born, &key::node_id(*node), records::encode(&born));
+                self.build_node(*node, op)?;
+                vec![Move {
+                    entry: *node,
+                    node: *node,
+                    kind: *kind,
+                    target: Some((*parent, name.clone())),
+                    seen: None,
+                }]
+            }
+            OpKind::Link {
+                node,
+                entry,
+                parent,
+                name,
+                ..
+            } => {
+                let kind = self.kind_of(*node)?;
+                if kind == FileKind::Dir {
+                    return Err(invalid("a hard link to a directory"));
+                }
+                vec![Move {
+                    entry: *entry,
+                    node: *node,
+                    kind,
+                    target: Some((*parent, name.clone())),
+                    seen: None,
+                }]
+            }
+            OpKind::Unlink {
+                node, entry, seen, ..
+            } => vec![Move {
+                entry: *entry,
+                node: *node,
+                kind: self.kind_of(*node)?,
+                target: None,
+                seen: *seen,
+            }],
+            OpKind::Rename {
+                node,
+                entry,
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                other,
+                exchange,
+                ..
+            } => {
+                let kind = self.kind_of(*node)?;
+                let to = Some((*to_parent, to_name.clone()));
+                let mut v = Vec::new();
+                match other {
+                    Some((on, oe, ov)) if *exchange => {
+                        let okind = self.kind_of(*on)?;
+                        let out = |entry, node, kind| Move {
+                            entry,
+                            node,
+                            kind,
+                            target: None,
+                            seen: None,
+                        };
+                        v.push(out(*entry, *node, kind));
+                        v.push(out(*oe, *on, okind));
+                        v.push(Move {
+                            target: to,
+                            ..out(*entry, *node, kind)
+                        });
+                        v.push(Move {
+                            target: Some((*from_parent, from_name.clone())),
+                            seen: *ov,
+                            ..out(*oe, *on, okind)
+                        });
+                    }
+                    Some((on, oe, ov)) => {
+                        v.push(Move {
+                            entry: *oe,
+                            node: *on,
+                            kind: self.kind_of(*on)?,
+                            target: None,
+                            seen: *ov,
+                        });
+                        v.push(Move {
+                            entry: *entry,
+                            node: *node,
+                            kind,
+                            target: to,
+                            seen: None,
+                        });
+                    }
+                    None => v.push(Move {
+                        entry: *entry,
+                        node: *node,
+                        kind,
+                        target: to,
+                        seen: None,
+                    }),
+                }
+                v
+            }
+            OpKind::SetAttr {
+                node,
+                perm,
+                uid,
+                gid,
+                atime,
+                mtime,
+                ctime,
+            } => {
+                self.remote_setattr(
+                    op.hlc,
+                    *node,
+                    *perm,
+                    (*uid, *gid),
+                    *atime,
+                    *mtime,
+                    *ctime,
+                    cx,
+                )?;
+                Vec::new()
+            }
+            OpKind::SetXattr { node, name, value } => {
+                self.remote_xattr(op.hlc, *node, name, value.as_deref(), cx)?;
+                Vec::new()
+            }
+            OpKind::Content { node, .. } => {
+                self.remote_content(op, *node, cx)?;
+                Vec::new()
+            }
+        };
+        for m in &moves {
+            if m.entry == NodeId::ROOT || m.node == NodeId::ROOT {
+                return Err(invalid("the root cannot move"));
+            }
+            if let Some(e) = self.entry(m.entry)? {
+                if e.node != m.node {
+                    return Err(invalid(format!("entry {} names another node", m.entry)));
+                }
+            }
+        }
+        if !moves.is_empty() {
+            self.apply_moves(op, moves, cx)?;
+        }
+        Ok(())
+    }
+
+    /// The kind of a node, from its record or, if it is gone here, from its `Create` op.
+    fn kind_of(&self, node: NodeId) -> Result<FileKind> {
+        if node == NodeId::ROOT {
+            return Ok(FileKind::Dir);
+        }
+        if let Some(ino) = self.ino_of_id(node)? {
+            if let Some(n) = self.node(ino)? {
+                return Ok(n.kind);
+            }
+        }
+        let born = self
+            .born(node)?
+            .ok_or_else(|| invalid(format!("unknown node {node}")))?;
+        match self.op_at(born.created)?.map(|o| o.kind) {
+            Some(OpKind::Create { kind, .. }) => Ok(kind),
+            _ => Err(StoreError::corrupt(format!("node {node}: no create op"))),
+        }
+    }
+
+    /// Makes the local record of a node from its `Create` op, with no names yet.
+    fn build_node(&mut self, id: NodeId, create: &OpRecord) -> Result<Ino> {
+        let OpKind::Create {
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            target,
+            time,
+            ..
+        } = &create.kind
+        else {
+            return Err(StoreError::corrupt(format!("node {id}: no create op")));
+        };
+        let ino = self.alloc_ino();
+        let is_dir = *kind == FileKind::Dir;
+        let rec = NodeRecord {
+            id,
+            kind: *kind,
+            perm: perm & 0o7777,
+            uid: *uid,
+            gid: *gid,
+            rdev: *rdev,
+            nlink: if is_dir { 2 } else { 0 },
+            size: target.as_ref().map_or(0, |t| t.len() as u64),
+            atime: *time,
+            mtime: *time,
+            ctime: *time,
+            btime: *time,
+            parent: 0,
+            version: None,
+            stamps: Default::default(),
+            target: target.clone(),
+        };
+        self.put_node(ino, &rec);
+        self.map_id(id, ino);
+        let s = &mut self.state.stats;
+        s.nodes += 1;
+        match kind {
+            FileKind::Dir => s.dirs += 1,
+            FileKind::File => s.files += 1,
+            _ => {}
+        }
+        Ok(ino)
+    }
+
+    /// The local ino of `node`, rebuilding the node from the log if it was deleted here.
+    fn ino_for(&mut self, node: NodeId, cx: &mut Cx) -> Result<Ino> {
+        if node == NodeId::ROOT {
+            return Ok(ROOT_INO);
+        }
+        if let Some(ino) = self.ino_of_id(node)? {
+            return Ok(ino);
+        }
+        let born = self
+            .born(node)?
+            .ok_or_else(|| invalid(format!("unknown node {node}")))?;
+        let create = self
+            .op_at(born.created)?
+            .ok_or_else(|| StoreError::corrupt(format!("node {node}: create op missing")))?;
+        let ino = self.build_node(node, &create)?;
+        if born.version.is_some() {
+            self.set_version(ino, born.version)?;
+        }
+        cx.touched.insert(node);
+        tracing::debug!(%node, "rebuilt a deleted node that a late op brings back");
+        Ok(ino)
+    }
+
+    /// True if `dir` is a directory in the tree (the root, or a directory with an entry).
+    fn is_live_dir(&self, dir: NodeId) -> Result<bool> {
+        if dir == NodeId::ROOT {
+            return Ok(true);
+        }
+        Ok(self.entry(dir)?.is_some() && self.kind_of(dir)? == FileKind::Dir)
+    }
+
+    /// True if `dir` is `node` or lies below it (following entries up to the root).
+    fn is_under(&self, mut dir: NodeId, node: NodeId) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == node {
+                return Ok(true);
+            }
+            match self.entry(dir)? {
+                Some(e) => dir = e.parent,
+                None => return Ok(false),
+            }
+        }
+        Err(StoreError::corrupt("entry chain does not reach the root"))
+    }
+
+    fn has_children(&self, dir: NodeId) -> Result<bool> {
+        let Some(ino) = self.ino_of_id(dir)? else {
+            return Ok(false);
+        };
+        Ok(!self
+            .scan(Cf::Dirents, &key::ino(ino), &key::ino(ino + 1), 1)?
+            .is_empty())
+    }
+
+    /// Where a move ends up, given the tree as it is: `None` if it is skipped.
+    fn resolve(
+        &self,
+        m: &Move,
+        by: (DeviceId, Hlc),
+        from: &Option<Loc>,
+    ) -> Result<Option<Option<Loc>>> {
+        let Some((parent, name)) = &m.target else {
+            if m.kind == FileKind::Dir && self.has_children(m.entry)? {
+                return Ok(None);
+            }
+            return Ok(Some(None));
+        };
+        // A directory that is gone: the entry goes to the root, under a conflict name.
+        let (parent, orphaned) = if self.is_live_dir(*parent)? {
+            (*parent, false)
+        } else {
+            (NodeId::ROOT, true)
+        };
+        if m.kind == FileKind::Dir && self.is_under(parent, m.entry)? {
+            return Ok(None);
+        }
+        if from
+            .as_ref()
+            .is_some_and(|(p, n)| *p == parent && n == name)
+        {
+            return Ok(Some(from.clone()));
+        }
+        let pino = self
+            .ino_of_id(parent)?
+            .ok_or_else(|| StoreError::corrupt(format!("live directory {parent} has no inode")))?;
+        if !orphaned && self.dirent(pino, name)?.is_none() {
+            return Ok(Some(Some((parent, name.clone()))));
+        }
+        for n in 0..1000u32 {
+            let c = conflict_name(name, by.0, by.1, n);
+            if self.dirent(pino, &c)?.is_none() {
+                return Ok(Some(Some((parent, c))));
+            }
+        }
+        Err(invalid("no free conflict name"))
+    }
+
+    /// Moves `entry` of `node` from `from` to `to` in the local tree.
+    fn set_loc(
+        &mut self,
+        entry: NodeId,
+        node: NodeId,
+        kind: FileKind,
+        from: &Option<Loc>,
+        to: &Option<Loc>,
+        cx: &mut Cx,
+    ) -> Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        let ino = self.ino_for(node, cx)?;
+        let is_dir = kind == FileKind::Dir;
+        let now = self.now();
+        let dir_delta = |tx: &mut Self, dir: NodeId, delta: i32, cx: &mut Cx| -> Result<Ino> {
+            let d = tx.ino_for(dir, cx)?;
+            let mut rec = tx.node_req(d)?;
+            rec.nlink = rec.nlink.saturating_add_signed(delta);
+            rec.mtime = now;
+            rec.ctime = now;
+            tx.put_node(d, &rec);
+            Ok(d)
+        };
+        let mut n = self.node_req(ino)?;
+        if let Some((p, name)) = from {
+            let pino = dir_delta(self, *p, if is_dir { -1 } else { 0 }, cx)?;
+            self.delete_dirent(pino, name);
+            cx.out.names.push((pino, name.clone()));
+            if !is_dir {
+                n.nlink = n.nlink.saturating_sub(1);
+            }
+        }
+        match to {
+            Some((p, name)) => {
+                let pino = dir_delta(self, *p, if is_dir { 1 } else { 0 }, cx)?;
+                self.put_dirent(pino, name, DirentRecord { ino, kind, entry });
+                self.put_entry(
+                    entry,
+                    &EntryRecord {
+                        parent: *p,
+                        name: name.clone(),
+                        node,
+                    },
+                );
+                cx.out.names.push((pino, name.clone()));
+                if is_dir {
+                    n.parent = pino;
+                } else {
+                    n.nlink += 1;
+                }
+            }
+            None => self.delete_entry(entry),
+        }
+        n.ctime = now;
+        self.put_node(ino, &n);
+        cx.touched.insert(node);
+        Ok(())
+    }
+
+    /// Does the moves of `op` in clock order: later moves that interact with them are undone
+    /// first and redone after.
+    fn apply_moves(&mut self, op: &OpRecord, moves: Vec<Move>, cx: &mut Cx) -> Result<()> {
+        let after = kv::key_after(&key::mv(op.hlc, op.id, u8::MAX));
+        let later = self.scan(Cf::Moves, &after, &[0xff; 34], usize::MAX)?;
+        let mut later: Vec<(Vec<u8>, MoveRecord)> = later
+            .into_iter()
+            .map(|(k, v)| Ok((k, records::decode::<MoveRecord>("move", &v)?)))
+            .collect::<Result<_>>()?;
+        // Which later moves interact with these: same entries or nodes, same directories,
+        // same names, or (when a directory moves) any directory move (cycles).
+        let mut interest = Interest::default();
+        for m in &moves {
+            let cur = self.entry(m.entry)?.map(|e| (e.parent, e.name));
+            interest.add(m.entry, m.node, m.kind, &[&m.target, &cur]);
+            if let Some((p, _)) = &m.target {
+                if !self.is_live_dir(*p)? {
+                    // The move will land in the root.
+                    interest.ids.insert(NodeId::ROOT);
+                }
+            }
+        }
+        // A fixpoint: a move selected late in the list can widen the interest so that an
+        // earlier one (say, a create in the directory it moves out of) now interacts too.
+        let mut selected = vec![false; later.len()];
+        loop {
+            let mut grew = false;
+            for (i, (_, m)) in later.iter().enumerate() {
+                let locs = [&m.target, &m.from, &m.to];
+                if !selected[i] && interest.hits(m.entry, m.node, m.kind, &locs) {
+                    interest.add(m.entry, m.node, m.kind, &locs);
+                    selected[i] = true;
+                    grew = true;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        let mut keep = selected.into_iter();
+        later.retain(|_| keep.next().unwrap_or(false));
+        for (_, m) in later.iter().rev() {
+            self.set_loc(m.entry, m.node, m.kind, &m.to, &m.from, cx)?;
+        }
+        for (idx, m) in moves.into_iter().enumerate() {
+            let rec = self.do_move((op.id.device, op.hlc), m, cx, true)?;
+            self.put(
+                Cf::Moves,
+                &key::mv(op.hlc, op.id, idx as u8),
+                records::encode(&rec),
+            );
+        }
+        for (k, m) in later {
+            let by = key::mv_origin(&k)?;
+            let mv = Move {
+                entry: m.entry,
+                node: m.node,
+                kind: m.kind,
+                target: m.target,
+                seen: m.seen,
+            };
+            let rec = self.do_move(by, mv, cx, false)?;
+            self.put(Cf::Moves, &k, records::encode(&rec));
+        }
+        Ok(())
+    }
+
+    /// Applies one move to the current tree; returns its move-log record.
+    /// `first` is false on a redo: the consequences of a delete (restoring an edit it had not
+    /// seen) were drawn when the op was first applied.
+    fn do_move(
+        &mut self,
+        by: (DeviceId, Hlc),
+        m: Move,
+        cx: &mut Cx,
+        first: bool,
+    ) -> Result<MoveRecord> {
+        let from = self.entry(m.entry)?.map(|e| (e.parent, e.name));
+        let to = match self.resolve(&m, by, &from)? {
+            Some(to) => to,
+            None => {
+                cx.out.skipped_moves += 1;
+                from.clone()
+            }
+        };
+        self.set_loc(m.entry, m.node, m.kind, &from, &to, cx)?;
+        if first && to.is_none() && by.0 != self.state.device {
+            if let Some(loc) = &from {
+                cx.removed.insert(m.node, (m.seen, loc.clone()));
+            }
+        }
+        Ok(MoveRecord {
+            entry: m.entry,
+            node: m.node,
+            kind: m.kind,
+            target: m.target,
+            from,
+            to,
+            seen: m.seen,
+        })
+    }
+
+    /// After all moves: nodes left without names go (kept while open), directories left
+    /// without an entry go; an edit of this device that a remote delete had not seen is
+    /// restored as a copy first.
+    fn settle(&mut self, cx: &mut Cx, is_open: &dyn Fn(Ino) -> bool) -> Result<()> {
+        for node in std::mem::take(&mut cx.touched) {
+            let Some(ino) = self.ino_of_id(node)? else {
+                continue;
+            };
+            let Some(n) = self.node(ino)? else { continue };
+            let dead = if n.kind == FileKind::Dir {
+                ino != ROOT_INO && self.entry(node)?.is_none()
+            } else {
+                n.nlink == 0
+            };
+            if !dead {
+                continue;
+            }
+            if let Some((seen, loc)) = cx.removed.get(&node).cloned() {
+                let mine = n.version.is_some_and(|v| v.device == self.state.device);
+                if mine && seen != n.version && n.kind == FileKind::File {
+                    self.conflict_copy(ino, &loc, cx)?;
+                }
+            }
+            if n.kind == FileKind::Dir {
+                if self.has_children(node)? {
+                    return Err(StoreError::corrupt(format!(
+                        "directory {node} left the tree with entries in it"
+                    )));
+                }
+                self.delete_node(ino, &n)?;
+            } else if is_open(ino) {
+                self.put(Cf::Orphans, &key::ino(ino), Vec::new());
+            } else {
+                self.delete_node(ino, &n)?;
+            }
+            cx.nodes.insert(ino);
+        }
+        Ok(())
+    }
+
+    /// Keeps this device's version of file `ino` as a new file next to `loc` (a conflict
+    /// copy), with ordinary local ops so that it reaches every device.
+    fn conflict_copy(&mut self, ino: Ino, loc: &Loc, cx: &mut Cx) -> Result<()> {
+        let n = self.node_req(ino)?;
+        let (mut parent, name) = loc.clone();
+        if !self.is_live_dir(parent)? {
+            parent = NodeId::ROOT;
+        }
+        let pino = self
+            .ino_of_id(parent)?
+            .ok_or_else(|| StoreError::corrupt("live directory without inode"))?;
+        let (device, hlc) = (self.state.device, self.state.hlc);
+        let mut copy_name = conflict_name(&name, device, hlc, 0);
+        let mut i = 1;
+        while self.dirent(pino, &copy_name)?.is_some() {
+            copy_name = conflict_name(&name, device, hlc, i);
+            i += 1;
+            if i > 1000 {
+                return Err(invalid("no free conflict name"));
+            }
+        }
+        let new = crate::ns::NewNode {
+            kind: FileKind::File,
+            perm: n.perm,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: 0,
+            target: None,
+        };
+        let (copy, _) = self.create(pino, &copy_name, new)?;
+        self.copy_range(ino, 0, copy, 0, n.size)?;
+        cx.out.conflict_copies += 1;
+        cx.out.names.push((pino, copy_name.clone()));
+        tracing::info!(
+            name = %String::from_utf8_lossy(&copy_name),
+            "kept this device's version as a conflict copy"
+        );
+        Ok(())
+    }
+
+    fn remote_node(&self, node: NodeId) -> Result<Option<(Ino, NodeRecord)>> {
+        let Some(ino) = self.ino_of_id(node)? else {
+            return Ok(None);
+        };
+        Ok(self.node(ino)?.map(|n| (ino, n)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remote_setattr(
+        &mut self,
+        hlc: Hlc,
+        node: NodeId,
+        perm: Option<u32>,
+        owner: (Option<u32>, Option<u32>),
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+        ctime: Timestamp,
+        cx: &mut Cx,
+    ) -> Result<()> {
+        let Some((ino, mut n)) = self.remote_node(node)? else {
+            return Ok(());
+        };
+        // Each register: the later clock wins; on a tie, the larger value.
+        fn wins<T: Ord>(stamp: &mut Hlc, hlc: Hlc, cur: &T, new: &T) -> bool {
+            if hlc > *stamp || (hlc == *stamp && new > cur) {
+                *stamp = hlc;
+                true
+            } else {
+                false
+            }
+        }
+        if let Some(p) = perm {
+            let p = p & 0o7777;
+            if wins(&mut n.stamps.mode, hlc, &n.perm, &p) {
+                n.perm = p;
+            }
+        }
+        if owner.0.is_some() || owner.1.is_some() {
+            let new = (owner.0.unwrap_or(n.uid), owner.1.unwrap_or(n.gid));
+            if wins(&mut n.stamps.owner, hlc, &(n.uid, n.gid), &new) {
+                (n.uid, n.gid) = new;
+            }
+        }
+        if let Some(t) = atime {
+            if wins(&mut n.stamps.atime, hlc, &n.atime, &t) {
+                n.atime = t;
+            }
+        }
+        if let Some(t) = mtime {
+            if wins(&mut n.stamps.mtime, hlc, &n.mtime, &t) {
+                n.mtime = t;
+            }
+        }
+        n.ctime = n.ctime.max(ctime);
+        self.put_node(ino, &n);
+        cx.nodes.insert(ino);
+        Ok(())
+    }
+
+    fn remote_xattr(
+        &mut self,
+        hlc: Hlc,
+        node: NodeId,
+        name: &[u8],
+        value: Option<&[u8]>,
+        cx: &mut Cx,
+    ) -> Result<()> {
+        let Some((ino, mut n)) = self.remote_node(node)? else {
+            return Ok(());
+        };
+        // One register for all extended attributes of a node: a later op wins.
+        if hlc < n.stamps.xattrs {
+            return Ok(());
+        }
+        n.stamps.xattrs = hlc;
+        let k = key::xattr(ino, name);
+        match value {
+            Some(v) => self.put(Cf::Xattrs, &k, v.to_vec()),
+            None => self.delete(Cf::Xattrs, &k),
+        }
+        self.put_node(ino, &n);
+        cx.nodes.insert(ino);
+        Ok(())
+    }
+
+    /// The clock and device of a content version, for ordering concurrent edits.
+    fn version_order(&self, v: Option<OpId>) -> Result<(Hlc, Option<DeviceId>)> {
+        match v {
+            None => Ok((Hlc(0), None)),
+            Some(id) => Ok((self.op_at(id)?.map_or(Hlc(0), |o| o.hlc), Some(id.device))),
+        }
+    }
+
+    fn remote_content(&mut self, op: &OpRecord, node: NodeId, cx: &mut Cx) -> Result<()> {
+        let OpKind::Content {
+            base,
+            start,
+            end,
+            extents,
+            size,
+            mtime,
+            ..
+        } = &op.kind
+        else {
+            return Ok(());
+        };
+        let Some((ino, n)) = self.remote_node(node)? else {
+            // Deleted here (if the delete had not seen this edit, its author restores it).
+            // The version still advances, by the same rule, in case a late op revives it.
+            if let Some(mut born) = self.born(node)? {
+                if *base == born.version
+                    || (op.hlc, Some(op.id.device)) > self.version_order(born.version)?
+                {
+                    born.version = Some(op.id);
+                    self.put(Cf::Born, &key::node_id(node), records::encode(&born));
+                }
+            }
+            return Ok(());
+        };
+        if n.kind != FileKind::File {
+            return Err(invalid("content op for a node that is not a file"));
+        }
+        cx.nodes.insert(ino);
+        if *base == n.version {
+            let mut map = BTreeMap::new();
+            for (off, e) in self.extents(ino, 0, u64::MAX)? {
+                map.insert(off, (e.chunk, e.len));
+            }
+            apply_delta(&mut map, *start, *end, extents, *size);
+            return self.install(ino, map, *size, op, *mtime);
+        }
+        // A concurrent edit: the later one is the content.
+        let cur = self.version_order(n.version)?;
+        if (op.hlc, Some(op.id.device)) <= cur {
+            return Ok(());
+        }
+        if n.version.is_some_and(|v| v.device == self.state.device) {
+            let loc = self.copy_loc(node)?;
+            self.conflict_copy(ino, &loc, cx)?;
+        }
+        let (map, size) = self.materialize(node, Some(op.id))?;
+        self.install(ino, map, size, op, *mtime)
+    }
+
+    /// Where to put a conflict copy of `node`: next to its first name, or (if only a later
+    /// hard link is left, whose entry has an id of its own) in the root.
+    fn copy_loc(&self, node: NodeId) -> Result<Loc> {
+        Ok(match self.entry(node)? {
+            Some(e) => (e.parent, e.name),
+            None => (NodeId::ROOT, b"conflict".to_vec()),
+        })
+    }
+
+    /// The extent map and size of `node` at content version `version`, rebuilt from the op
+    /// log by following the chain of bases.
+    fn materialize(&self, node: NodeId, version: Option<OpId>) -> Result<(ExtentMap, u64)> {
+        let mut chain = Vec::new();
+        let mut v = version;
+        while let Some(id) = v {
+            if chain.len() >= MAX_CHAIN {
+                return Err(StoreError::corrupt("content version chain too long"));
+            }
+            let op = self
+                .op_at(id)?
+                .ok_or_else(|| StoreError::corrupt(format!("content version {id:?} missing")))?;
+            match op.kind {
+                OpKind::Content {
+                    node: n,
+                    base,
+                    start,
+                    end,
+                    extents,
+                    size,
+                    ..
+                } if n == node => {
+                    chain.push((start, end, extents, size));
+                    v = base;
+                }
+                _ => return Err(StoreError::corrupt("content chain names another op")),
+            }
+        }
+        let mut map = BTreeMap::new();
+        let mut size = 0;
+        for (start, end, extents, sz) in chain.into_iter().rev() {
+            apply_delta(&mut map, start, end, &extents, sz);
+            size = sz;
+        }
+        Ok((map, size))
+    }
+
+    /// Makes `map` the content of `ino`: new references first, then old ones dropped.
+    fn install(
+        &mut self,
+        ino: Ino,
+        map: ExtentMap,
+        size: u64,
+        op: &OpRecord,
+        mtime: Timestamp,
+    ) -> Result<()> {
+        let old = self.extents(ino, 0, u64::MAX)?;
+        for &(id, len) in map.values() {
+            self.incref_id(&id, len)?;
+        }
+        for (off, e) in old {
+            self.delete_extent(ino, off, &e)?;
+        }
+        for (off, (chunk, len)) in map {
+            self.put_extent(ino, off, ExtentRecord { chunk, len });
+        }
+        let mut n = self.node_req(ino)?;
+        let s = &mut self.state.stats;
+        s.logical_bytes = s.logical_bytes.saturating_sub(n.size).saturating_add(size);
+        n.size = size;
+        n.version = Some(op.id);
+        if op.hlc >= n.stamps.mtime {
+            n.stamps.mtime = op.hlc;
+            n.mtime = mtime;
+        }
+        n.ctime = n.ctime.max(mtime);
+        self.put_node(ino, &n);
+        Ok(())
+    }
+
+    /// Sets the content of a rebuilt node to `version`.
+    fn set_version(&mut self, ino: Ino, version: Option<OpId>) -> Result<()> {
+        let n = self.node_req(ino)?;
+        let (map, size) = self.materialize(n.id, version)?;
+        let Some(op) = version.map(|v| self.op_at(v)).transpose()?.flatten() else {
+            return Ok(());
+        };
+        let mtime = match &op.kind {
+            OpKind::Content { mtime, .. } => *mtime,
+            _ => n.mtime,
+        };
+        self.install(ino, map, size, &op, mtime)
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use pvfs_store::{FileKind, Ino, NodeRecord, Store, Timestamp};
+use pvfs_store::{ChunkSource, FileKind, Ino, NodeRecord, Store, Timestamp};
 
 pub use attrs::{SetAttrRequest, StatFs};
 pub use dir::DirEntry;
@@ -117,6 +117,8 @@ pub struct Fs {
     opts: FsOptions,
     /// Bytes buffered in all open files, checked against free space on write.
     dirty_total: Arc<AtomicU64>,
+    /// Where absent chunks come from (other devices), once the daemon wires it in.
+    remote: parking_lot::RwLock<Option<Arc<dyn ChunkSource>>>,
 }
 
 #[derive(Debug)]
@@ -148,7 +150,18 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             opts,
             dirty_total: Arc::new(AtomicU64::new(0)),
+            remote: parking_lot::RwLock::new(None),
         })
+    }
+
+    /// Sets where absent chunks are fetched from.
+    pub fn set_remote(&self, remote: Arc<dyn ChunkSource>) {
+        *self.remote.write() = Some(remote);
+    }
+
+    /// Where absent chunks are fetched from, if anywhere.
+    pub fn remote(&self) -> Option<Arc<dyn ChunkSource>> {
+        self.remote.read().clone()
     }
 
     /// The store under this filesystem.

@@ -30,6 +30,11 @@ impl FsError {
         self.errno
     }
 
+    /// True if the cause is content that is not on this device (it can be fetched).
+    pub fn is_absent(&self) -> bool {
+        matches!(self.source, Some(StoreError::ChunkAbsent(_)))
+    }
+
     /// Whether this is worth a warning: expected outcomes (ENOENT, EEXIST, ...) log at debug.
     pub fn is_serious(&self) -> bool {
         matches!(

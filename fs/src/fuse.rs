@@ -29,6 +29,10 @@ use crate::error::FsError;
 /// through the kernel, which updates its caches itself.
 const TTL: Duration = Duration::from_secs(1);
 
+/// A read of content held elsewhere also fetches the absent chunks of this many bytes after
+/// it, so that a sequential reader finds them here.
+const FETCH_AHEAD: u64 = 8 << 20;
+
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -144,6 +148,86 @@ impl FuseFs {
             self.offload(op);
         } else {
             op(&self.fs);
+        }
+    }
+
+    /// Answers a read whose range holds content stored only on other devices: asks the
+    /// remote source for the absent chunks (and those of the next `FETCH_AHEAD` bytes) and
+    /// returns at once; the reply is sent from the thread that completes the last fetch.
+    fn read_remote(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let Some(remote) = self.fs.remote() else {
+            warn!(
+                fh,
+                offset, "content is on another device and no network is configured"
+            );
+            return reply.error(Errno::EIO);
+        };
+        let (ino, wanted) = match self.fs.absent_chunks(fh, offset, u64::from(size)) {
+            Ok(w) => w,
+            Err(e) => return reply.error(errno("read", &e)),
+        };
+        if let Ok((_, ahead)) = self
+            .fs
+            .absent_chunks(fh, offset + u64::from(size), FETCH_AHEAD)
+        {
+            for (id, len) in ahead {
+                remote.fetch(id, len, ino, Box::new(|_| {}));
+            }
+        }
+        struct Waiting {
+            left: usize,
+            failed: Option<String>,
+            reply: Option<ReplyData>,
+        }
+        let state = Arc::new(parking_lot::Mutex::new(Waiting {
+            left: wanted.len().max(1),
+            failed: None,
+            reply: Some(reply),
+        }));
+        let finish = {
+            let (fs, blocking, span) = (
+                self.fs.clone(),
+                self.blocking.clone(),
+                tracing::Span::current(),
+            );
+            move |state: &parking_lot::Mutex<Waiting>, res: pvfs_store::Result<()>| {
+                let mut st = state.lock();
+                if let Err(e) = res {
+                    st.failed.get_or_insert(e.to_string());
+                }
+                st.left -= 1;
+                if st.left > 0 {
+                    return;
+                }
+                let (Some(reply), failed) = (st.reply.take(), st.failed.take()) else {
+                    return;
+                };
+                drop(st);
+                if let Some(why) = failed {
+                    warn!(
+                        ino,
+                        offset, "content held by other devices could not be read: {why}"
+                    );
+                    return reply.error(Errno::EIO);
+                }
+                let fs = fs.clone();
+                let span = span.clone();
+                blocking.spawn_blocking(move || {
+                    span.in_scope(|| match fs.read(fh, offset, size) {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno("read", &e)),
+                    })
+                });
+            }
+        };
+        let finish = Arc::new(finish);
+        if wanted.is_empty() {
+            // Fetched meanwhile: read again, off this thread.
+            return finish(&state, Ok(()));
+        }
+        for (id, len) in wanted {
+            let (state, finish) = (state.clone(), finish.clone());
+            remote.fetch(id, len, ino, Box::new(move |res| finish(&state, res)));
         }
     }
 
@@ -410,9 +494,11 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let _s = debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
-        reply_result!("read", reply, self.fs.read(fh.0, offset, size), |data| {
-            reply.data(&data)
-        });
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) if e.is_absent() => self.read_remote(fh.0, offset, size, reply),
+            Err(e) => reply.error(errno("read", &e)),
+        }
     }
 
     fn write(
@@ -765,7 +851,35 @@ impl Unmounter {
     }
 }
 
+/// Tells the kernel that names or content changed behind its back (ops from other devices),
+/// so that it drops what it cached. Errors (the kernel never looked the name up) are ignored.
+#[derive(Clone)]
+pub struct Invalidator(fuser::Notifier);
+
+impl std::fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Invalidator")
+    }
+}
+
+impl Invalidator {
+    /// The name `name` in directory `parent` changed.
+    pub fn entry(&self, parent: u64, name: &[u8]) {
+        let _ = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name));
+    }
+
+    /// The attributes or content of `ino` changed.
+    pub fn inode(&self, ino: u64) {
+        let _ = self.0.inval_inode(INodeNo(ino), 0, -1);
+    }
+}
+
 impl Mount {
+    /// A handle that invalidates the kernel's caches of this mount.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator(self.session.notifier())
+    }
+
     /// Mounts `fs` at `mountpoint` (with `default_permissions`, and `allow_other` if asked).
     pub fn new(
         fs: Arc<Fs>,

@@ -20,8 +20,9 @@ use crate::error::{NetError, Result};
 pub const ALPN: &[u8] = b"pvfs/1";
 /// The protocol version in `Hello`.
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest frame body: a whole chunk plus its header fits, with room to spare.
-pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame body: a whole chunk fits with room to spare, and so does one op that
+/// shares the chunks of a large file (`copy_file_range` of 8 GiB: about 6 MiB of extents).
+pub const MAX_FRAME: usize = 8 << 20;
 /// Most ops in one `Ops` message.
 pub const MAX_OPS: usize = 4096;
 /// Most chunk ids in one `Want` or `Missing` message.

@@ -33,11 +33,23 @@ pub use ns::{
     SYMLINK_MAX, XATTR_VALUE_MAX,
 };
 pub use records::{
-    DirentRecord, EntryRecord, ExtentRecord, Loc, NodeRecord, OpKind, OpRecord, Stamps, StatsRecord,
+    DirentRecord, EntryRecord, ExtentRecord, Loc, MemberRecord, NodeRecord, OpKind, OpRecord,
+    Stamps, StatsRecord,
 };
-pub use replica::{conflict_name, Applied, Version, VersionVector};
+pub use replica::{conflict_name, Applied, Version, VersionVector, MEMBER_NAME_MAX};
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{
     random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO,
 };
+
+/// Where absent chunks come from: implemented by the network layer, wired in by the daemon,
+/// so that the filesystem can ask for content without depending on the network.
+///
+/// `fetch` must not block: it starts the transfer and returns; `done` runs later, on another
+/// thread, once the chunk is stored here (`Ok`) or cannot be had (`Err`, after the
+/// configured timeout at the latest).
+pub trait ChunkSource: Send + Sync + std::fmt::Debug {
+    /// Fetches chunk `id` (plaintext length `len`) for inode `ino` of this device.
+    fn fetch(&self, id: ChunkId, len: u32, ino: Ino, done: Box<dyn FnOnce(Result<()>) + Send>);
+}

@@ -99,6 +99,15 @@ pub(crate) struct BornRecord {
     pub version: Option<OpId>,
 }
 
+/// A member device of the namespace, in `Cf::Meta` under `member/<device>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Its name.
+    pub name: String,
+    /// Removed devices stay removed: they are refused from then on.
+    pub removed: bool,
+}
+
 /// A place in the tree: directory and name.
 pub type Loc = (NodeId, Vec<u8>);
 
@@ -277,6 +286,15 @@ pub enum OpKind {
         /// New value.
         value: Option<Vec<u8>>,
     },
+    /// A device joined the namespace (`added`) or was removed from it, for good.
+    Member {
+        /// The device.
+        device: DeviceId,
+        /// Its name.
+        name: String,
+        /// Added or removed.
+        added: bool,
+    },
     /// File content changed: extents in `[start, end)` replaced by `extents`, size set.
     Content {
         /// The file.
@@ -396,4 +414,11 @@ pub(crate) mod key {
     pub(crate) const META_HLC: &[u8] = b"hlc";
     pub(crate) const META_STATS: &[u8] = b"stats";
     pub(crate) const META_VV: &[u8] = b"vv";
+    pub(crate) const META_MEMBER: &[u8] = b"member/";
+
+    pub(crate) fn member(device: &DeviceId) -> Vec<u8> {
+        let mut k = META_MEMBER.to_vec();
+        k.extend_from_slice(&device.0);
+        k
+    }
 }

@@ -26,8 +26,8 @@ use crate::error::{Result, StoreError};
 use crate::kv::{self, Cf};
 use crate::ns::{validate_name, NAME_MAX, SYMLINK_MAX, XATTR_VALUE_MAX};
 use crate::records::{
-    self, key, BornRecord, DirentRecord, EntryRecord, ExtentRecord, Loc, MoveRecord, NodeRecord,
-    OpKind, OpRecord,
+    self, key, BornRecord, DirentRecord, EntryRecord, ExtentRecord, Loc, MemberRecord, MoveRecord,
+    NodeRecord, OpKind, OpRecord,
 };
 use crate::store::Store;
 use crate::txn::Txn;
@@ -41,6 +41,9 @@ type ExtentMap = BTreeMap<u64, (ChunkId, u32)>;
 
 /// A file's content as (offset, chunk, length) triples, and its size.
 pub type Version = (Vec<(u64, ChunkId, u32)>, u64);
+
+/// Longest device name, in bytes.
+pub const MEMBER_NAME_MAX: usize = 64;
 
 /// Longest base chain followed when rebuilding a version (a bound against corrupt logs).
 const MAX_CHAIN: usize = 1 << 20;
@@ -194,6 +197,11 @@ fn validate(op: &OpRecord) -> Result<()> {
             validate_name(to_name)?;
         }
         OpKind::SetAttr { .. } => {}
+        OpKind::Member { name, .. } => {
+            if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
+                return Err(invalid("bad device name"));
+            }
+        }
         OpKind::SetXattr { name, value, .. } => {
             if name.is_empty() || name.len() > NAME_MAX {
                 return Err(invalid("bad extended attribute name"));
@@ -486,6 +494,14 @@ impl Txn<'_> {
             }
             OpKind::Content { node, .. } => {
                 self.remote_content(op, *node, cx)?;
+                Vec::new()
+            }
+            OpKind::Member {
+                device,
+                name,
+                added,
+            } => {
+                self.apply_member(*device, name, *added)?;
                 Vec::new()
             }
         };
@@ -994,6 +1010,36 @@ impl Txn<'_> {
         self.put_node(ino, &n);
         cx.nodes.insert(ino);
         Ok(())
+    }
+
+    /// Adds or removes a member device. A removal is final: whatever the order of ops, a
+    /// removed device stays removed.
+    pub(crate) fn apply_member(&mut self, device: DeviceId, name: &str, added: bool) -> Result<()> {
+        let k = key::member(&device);
+        let old: Option<MemberRecord> = self
+            .get(Cf::Meta, &k)?
+            .map(|b| records::decode("member", &b))
+            .transpose()?;
+        let removed = !added || old.as_ref().is_some_and(|m| m.removed);
+        let rec = MemberRecord {
+            name: name.to_string(),
+            removed,
+        };
+        self.put(Cf::Meta, &k, records::encode(&rec));
+        Ok(())
+    }
+
+    /// Records and applies a membership change made on this device.
+    pub fn set_member(&mut self, device: DeviceId, name: &str, added: bool) -> Result<()> {
+        if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
+            return Err(invalid("bad device name"));
+        }
+        self.record(OpKind::Member {
+            device,
+            name: name.to_string(),
+            added,
+        });
+        self.apply_member(device, name, added)
     }
 
     /// The clock and device of a content version, for ordering concurrent edits.

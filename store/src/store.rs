@@ -19,7 +19,8 @@ use crate::kv::mem::MemBackend;
 use crate::kv::rocks::{RocksBackend, RocksOptions};
 use crate::kv::{self, scan_prefix, Backend, Cf, ReadView};
 use crate::records::{
-    self, key, DirentRecord, ExtentRecord, NodeRecord, OpRecord, StatsRecord, FORMAT_VERSION,
+    self, key, DirentRecord, ExtentRecord, MemberRecord, NodeRecord, OpRecord, RefRecord,
+    StatsRecord, FORMAT_VERSION,
 };
 use crate::txn::{PreparedChunk, Txn, WriterState};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
@@ -201,6 +202,8 @@ struct Inner {
     namespace: [u8; 16],
     cache: quick_cache::sync::Cache<ChunkId, Bytes, ChunkWeight>,
     space: Option<SpaceGuard>,
+    /// Called after every commit that recorded ops (the network pushes them to peers).
+    on_commit: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 /// A device's store. Cheap to clone; all clones share one database.
@@ -253,6 +256,18 @@ impl Store {
         device: DeviceId,
         owner: RootOwner,
     ) -> Result<Store> {
+        Store::create_in(dir, opts, device, owner, None)
+    }
+
+    /// Creates a store in `dir` for a device joining the namespace `namespace` (`None`: a
+    /// new namespace).
+    pub fn create_in(
+        dir: &Path,
+        opts: &StoreOptions,
+        device: DeviceId,
+        owner: RootOwner,
+        namespace: Option<[u8; 16]>,
+    ) -> Result<Store> {
         if Store::exists(dir) {
             return Err(StoreError::DataDir {
                 path: dir.to_path_buf(),
@@ -264,7 +279,22 @@ impl Store {
             reason: e.to_string(),
         })?;
         let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
-        Store::from_backend(Box::new(backend), opts, Some(dir), Some((device, owner)))
+        Store::from_backend(
+            Box::new(backend),
+            opts,
+            Some(dir),
+            Some((device, owner, namespace)),
+        )
+    }
+
+    /// A new store in memory in the namespace `namespace` (in-process clusters in tests).
+    pub fn in_memory_in(device: DeviceId, owner: RootOwner, namespace: [u8; 16]) -> Result<Store> {
+        Store::from_backend(
+            Box::new(MemBackend::default()),
+            &StoreOptions::default(),
+            None,
+            Some((device, owner, Some(namespace))),
+        )
     }
 
     /// A new store in memory (tests, models).
@@ -273,7 +303,7 @@ impl Store {
             Box::new(MemBackend::default()),
             &StoreOptions::default(),
             None,
-            Some((device, owner)),
+            Some((device, owner, None)),
         )
     }
 
@@ -281,10 +311,10 @@ impl Store {
         backend: Box<dyn Backend>,
         opts: &StoreOptions,
         dir: Option<&Path>,
-        init: Option<(DeviceId, RootOwner)>,
+        init: Option<(DeviceId, RootOwner, Option<[u8; 16]>)>,
     ) -> Result<Store> {
-        if let Some((device, owner)) = init {
-            initialize(&*backend, device, owner)?;
+        if let Some((device, owner, namespace)) = init {
+            initialize(&*backend, device, owner, namespace)?;
         }
         let format = backend.get(Cf::Meta, key::META_FORMAT)?;
         match format {
@@ -354,6 +384,7 @@ impl Store {
                     ChunkWeight,
                 ),
                 space,
+                on_commit: Mutex::new(None),
             }),
         })
     }
@@ -366,6 +397,35 @@ impl Store {
     /// The namespace id.
     pub fn namespace(&self) -> [u8; 16] {
         self.inner.namespace
+    }
+
+    /// The member devices of the namespace (removed ones included, marked).
+    pub fn members(&self) -> Result<Vec<(DeviceId, MemberRecord)>> {
+        let mut out = Vec::new();
+        for item in scan_prefix(&*self.inner.backend, Cf::Meta, key::META_MEMBER) {
+            let (k, v) = item?;
+            let id: [u8; 16] = k[key::META_MEMBER.len()..]
+                .try_into()
+                .map_err(|_| StoreError::corrupt("member key length"))?;
+            out.push((DeviceId(id), records::decode("member", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// True if `device` is a current member (added and never removed).
+    pub fn is_member(&self, device: &DeviceId) -> Result<bool> {
+        Ok(self
+            .inner
+            .backend
+            .get(Cf::Meta, &key::member(device))?
+            .map(|v| records::decode::<MemberRecord>("member", &v))
+            .transpose()?
+            .is_some_and(|m| !m.removed))
+    }
+
+    /// Sets the function called after every commit that recorded ops.
+    pub fn set_on_commit(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        *self.inner.on_commit.lock() = Some(f);
     }
 
     /// A copy of the writer's counters and clock.
@@ -481,9 +541,43 @@ impl Store {
         }
     }
 
+    /// Stores a chunk fetched from another device, if this device references it and lacks
+    /// its data. The plaintext is checked against `id` first. Returns whether it was stored.
+    pub fn put_fetched(&self, id: &ChunkId, plain: &Bytes) -> Result<bool> {
+        if ChunkId::of(plain) != *id {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} does not match its id",
+                id.fmt_short()
+            )));
+        }
+        let encoded = chunk::encode(plain);
+        let stored = self.commit(false, |tx| {
+            tx.store_absent(id, plain.len(), encoded.to_vec())
+        })?;
+        if stored {
+            self.inner.cache.insert(*id, plain.clone());
+        }
+        Ok(stored)
+    }
+
+    /// The plaintext of a chunk if it is stored on this device (to serve a peer).
+    pub fn chunk_if_held(&self, id: &ChunkId) -> Result<Option<Bytes>> {
+        let Some(v) = self.inner.backend.get(Cf::Refs, &id.0)? else {
+            return Ok(None);
+        };
+        let r: RefRecord = records::decode("chunk ref", &v)?;
+        if r.stored == 0 {
+            return Ok(None);
+        }
+        self.chunk(id, r.len).map(Some)
+    }
+
     /// True if the chunk is stored on this device.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.inner.backend.get(Cf::Refs, &id.0)?.is_some())
+        Ok(match self.inner.backend.get(Cf::Refs, &id.0)? {
+            Some(v) => records::decode::<RefRecord>("chunk ref", &v)?.stored > 0,
+            None => false,
+        })
     }
 
     /// Hashes a chunk and, if it is not stored yet, encodes it, so that the commit that
@@ -735,11 +829,17 @@ impl Store {
         if new_bytes > 0 {
             self.check_space(new_bytes)?;
         }
-        let (batch, new_state, _ops) = tx.finish();
+        let (batch, new_state, ops) = tx.finish();
         self.inner.backend.write(batch, sync)?;
         *state = new_state;
         self.inner.committed.fetch_add(1, Ordering::Release);
         drop(state);
+        if !ops.is_empty() {
+            let hook = self.inner.on_commit.lock().clone();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
         if let Some(space) = &self.inner.space {
             space.consumed(new_bytes);
         }
@@ -794,7 +894,12 @@ fn clean_staged(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Result<()> {
+fn initialize(
+    backend: &dyn Backend,
+    device: DeviceId,
+    owner: RootOwner,
+    namespace: Option<[u8; 16]>,
+) -> Result<()> {
     if backend.get(Cf::Meta, key::META_FORMAT)?.is_some() {
         return Err(StoreError::corrupt("store is already initialized"));
     }
@@ -822,7 +927,7 @@ fn initialize(backend: &dyn Backend, device: DeviceId, owner: RootOwner) -> Resu
         dirs: 1,
         ..StatsRecord::default()
     };
-    let namespace: [u8; 16] = crate::types::random_bytes();
+    let namespace: [u8; 16] = namespace.unwrap_or_else(crate::types::random_bytes);
     let batch = vec![
         (
             Cf::Meta,

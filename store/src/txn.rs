@@ -372,6 +372,38 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Stores the data of a referenced but absent chunk. Returns false if the chunk is not
+    /// referenced or already stored.
+    pub(crate) fn store_absent(
+        &mut self,
+        id: &ChunkId,
+        len: usize,
+        encoded: Vec<u8>,
+    ) -> Result<bool> {
+        let Some(mut r) = self.refs(id)? else {
+            return Ok(false);
+        };
+        if r.stored > 0 {
+            return Ok(false);
+        }
+        if r.len as usize != len {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} has length {len}, {} expected",
+                id.fmt_short(),
+                r.len
+            )));
+        }
+        r.stored = encoded.len() as u32;
+        self.new_bytes += u64::from(r.stored);
+        let s = &mut self.state.stats;
+        s.chunks += 1;
+        s.chunk_bytes += u64::from(r.len);
+        s.stored_bytes += u64::from(r.stored);
+        self.put(Cf::Chunks, &id.0, encoded);
+        self.put(Cf::Refs, &id.0, records::encode(&r));
+        Ok(true)
+    }
+
     /// True if a staged, not yet committed, write of this chunk exists.
     pub(crate) fn is_staged(&self, id: &ChunkId) -> Result<bool> {
         let mut end = id.0.to_vec();

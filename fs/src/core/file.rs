@@ -209,7 +209,11 @@ pub(crate) fn read_committed(store: &Store, ino: Ino, off: u64, out: &mut [u8]) 
     let end = off + out.len() as u64;
     for (eoff, e) in store.extents(ino, off, end).fs()? {
         let data = store.chunk(&e.chunk, e.len).map_err(|err| {
-            tracing::warn!(ino, offset = eoff, chunk = %e.chunk.fmt_short(), "read failed: {err:#}");
+            if matches!(err, pvfs_store::StoreError::ChunkAbsent(_)) {
+                tracing::debug!(ino, offset = eoff, chunk = %e.chunk.fmt_short(), "content is on another device");
+            } else {
+                tracing::warn!(ino, offset = eoff, chunk = %e.chunk.fmt_short(), "read failed: {err:#}");
+            }
             FsError::from_store(err)
         })?;
         let a = eoff.max(off);

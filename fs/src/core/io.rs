@@ -8,7 +8,7 @@ use crate::fs_err;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use pvfs_store::{FileKind, Ino};
+use pvfs_store::{ChunkId, FileKind, Ino};
 
 use super::file::FileState;
 use super::{Fs, Handle};
@@ -81,6 +81,28 @@ impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let (_, file) = self.handle_file(fh)?;
         file.read(&self.store, offset, size)
+    }
+
+    /// The chunks of the committed content of `fh` in `[offset, offset + len)` that are not
+    /// stored on this device (content made elsewhere), with the file's inode.
+    pub fn absent_chunks(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Ino, Vec<(ChunkId, u32)>)> {
+        let (ino, _) = self.handle_file(fh)?;
+        let mut out = Vec::new();
+        for (_, e) in self
+            .store
+            .extents(ino, offset, offset.saturating_add(len))
+            .fs()?
+        {
+            if !self.store.has_chunk(&e.chunk).fs()? {
+                out.push((e.chunk, e.len));
+            }
+        }
+        Ok((ino, out))
     }
 
     /// Writes `data` at `offset`; returns the bytes written. `kill_suidgid`: the writer is

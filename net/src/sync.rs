@@ -1,0 +1,637 @@
+//! Sessions between member devices: namespace sync and chunk fetch.
+//!
+//! Owns: the per-connection session (a `Hello` each way on the first stream, then the ops the
+//! other lacks by version vector, then live push of new ops), serving chunk requests on the
+//! other streams, fetching absent chunks (one transfer per chunk however many readers wait,
+//! each connected peer tried in turn, a timeout), dialling addresses with backoff, and the
+//! peer table that `pvfs-admin peers` shows.
+//! Must not: call the store on an async worker (store calls go to the blocking pool), or
+//! trust a peer: ops are validated by the store, chunks by their BLAKE3 id.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use pvfs_store::{Applied, ChunkId, ChunkSource, DeviceId, Ino, Store, StoreError, VersionVector};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{NetError, Result};
+use crate::tls::{DeviceCert, Members};
+use crate::transport::{Endpoint, Peer};
+use crate::wire::{self, Hello, Message, PROTOCOL_VERSION};
+
+/// Ops per `Ops` message at most (the frame limit may cut a batch shorter).
+const BATCH_OPS: usize = 512;
+/// Encoded bytes per `Ops` message, roughly.
+const BATCH_BYTES: usize = 1 << 20;
+/// Longest wait between two attempts to reach a peer.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Settings of the network layer.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// UDP address to listen on (port 0: any).
+    pub listen: SocketAddr,
+    /// A read of content that no reachable device delivers fails after this long.
+    pub fetch_timeout: Duration,
+}
+
+/// What the network tells the rest of the daemon.
+pub struct Hooks {
+    /// Ops from peers were applied: the kernel's caches must drop these names and inodes.
+    pub applied: Box<dyn Fn(&Applied) + Send + Sync>,
+    /// Whether a local inode is open (an open file losing its last name stays until closed).
+    pub is_open: Arc<dyn Fn(Ino) -> bool + Send + Sync>,
+}
+
+/// The members of the namespace, as the store knows them.
+#[derive(Debug, Clone)]
+pub struct StoreMembers(pub Store);
+
+impl Members for StoreMembers {
+    fn is_member(&self, device: &DeviceId) -> bool {
+        match self.0.is_member(device) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!("reading the member list: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// One row of `pvfs-admin peers`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerInfo {
+    /// The device.
+    pub device: String,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: f64,
+    /// Chunk bytes fetched from it.
+    pub fetched_bytes: u64,
+    /// Measured fetch throughput, MB/s (0 before the first fetch).
+    pub throughput_mbs: f64,
+    /// Seconds since the connection was made.
+    pub connected_secs: u64,
+    /// Unix time the device was last heard from.
+    pub last_seen: u64,
+}
+
+struct Session {
+    device: DeviceId,
+    conn: quinn::Connection,
+    since: Instant,
+    fetched: AtomicU64,
+    fetch_micros: AtomicU64,
+    last_seen: AtomicU64,
+}
+
+impl Session {
+    fn touch(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_seen.store(now, Ordering::Relaxed);
+    }
+}
+
+type Waiter = Box<dyn FnOnce(pvfs_store::Result<()>) + Send>;
+
+struct Shared {
+    store: Store,
+    endpoint: Endpoint,
+    device: DeviceId,
+    namespace_hash: [u8; 32],
+    changed: watch::Sender<u64>,
+    sessions: Mutex<HashMap<usize, Arc<Session>>>,
+    inflight: Mutex<HashMap<ChunkId, Vec<Waiter>>>,
+    hooks: Hooks,
+    opts: NetOptions,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The network side of a daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Net {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("device", &self.shared.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// BLAKE3 of a namespace id, as `Hello` and mDNS carry it.
+pub fn namespace_hash(namespace: &[u8; 16]) -> [u8; 32] {
+    *blake3::hash(namespace).as_bytes()
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> NetError {
+    NetError::Io(std::io::Error::other(e))
+}
+
+impl Net {
+    /// Listens on `opts.listen` as `cert` and starts serving members. Must be called inside
+    /// the tokio runtime that will run the network.
+    pub fn start(store: Store, cert: &DeviceCert, opts: NetOptions, hooks: Hooks) -> Result<Net> {
+        let members = Arc::new(StoreMembers(store.clone()));
+        let endpoint = Endpoint::bind(opts.listen, cert, members)?;
+        let (changed, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            device: store.device(),
+            namespace_hash: namespace_hash(&store.namespace()),
+            store: store.clone(),
+            endpoint,
+            changed,
+            sessions: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            hooks,
+            opts,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        {
+            let tx = shared.changed.clone();
+            store.set_on_commit(Arc::new(move || {
+                tx.send_modify(|v| *v += 1);
+            }));
+        }
+        let net = Net { shared };
+        let acceptor = net.clone();
+        tokio::spawn(async move {
+            while let Some(peer) = acceptor.shared.endpoint.accept().await {
+                let s = acceptor.shared.clone();
+                tokio::spawn(async move { s.run(peer, false).await });
+            }
+        });
+        Ok(net)
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.shared.endpoint.local_addr()
+    }
+
+    /// Keeps a connection to `addr` (`host:port`) open: dials it, and again with backoff
+    /// whenever the connection fails or ends.
+    pub fn add_peer(&self, addr: String) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                match tokio::net::lookup_host(addr.as_str()).await {
+                    Ok(addrs) => {
+                        for a in addrs {
+                            match shared.endpoint.connect(a).await {
+                                Ok(peer) => {
+                                    backoff = Duration::from_millis(250);
+                                    shared.clone().run(peer, true).await;
+                                }
+                                Err(e) => tracing::debug!(%a, "dialling: {e}"),
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(%addr, "resolving: {e}"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        });
+    }
+
+    /// Dials `addr` once; returns when the session ends (tests and discovery use it).
+    pub async fn connect_once(&self, addr: SocketAddr) -> Result<()> {
+        let peer = self.shared.endpoint.connect(addr).await?;
+        let shared = self.shared.clone();
+        tokio::spawn(async move { shared.run(peer, true).await });
+        Ok(())
+    }
+
+    /// The devices connected now.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let sessions = self.shared.sessions.lock().expect("sessions lock");
+        sessions
+            .values()
+            .map(|s| {
+                let bytes = s.fetched.load(Ordering::Relaxed);
+                let micros = s.fetch_micros.load(Ordering::Relaxed);
+                PeerInfo {
+                    device: s.device.to_string(),
+                    addr: s.conn.remote_address(),
+                    rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
+                    fetched_bytes: bytes,
+                    throughput_mbs: if micros > 0 {
+                        bytes as f64 / micros as f64
+                    } else {
+                        0.0
+                    },
+                    connected_secs: s.since.elapsed().as_secs(),
+                    last_seen: s.last_seen.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Closes every connection.
+    pub fn close(&self) {
+        self.shared.endpoint.close();
+    }
+
+    /// Fetches chunk `id` from a connected device and stores it here.
+    pub async fn fetch(&self, id: ChunkId, len: u32) -> Result<()> {
+        self.shared.fetch(id, len).await
+    }
+}
+
+impl ChunkSource for Net {
+    fn fetch(&self, id: ChunkId, len: u32, ino: Ino, done: Waiter) {
+        {
+            let mut inflight = self.shared.inflight.lock().expect("inflight lock");
+            if let Some(waiters) = inflight.get_mut(&id) {
+                waiters.push(done);
+                return;
+            }
+            inflight.insert(id, vec![done]);
+        }
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(async move {
+            let res = shared.fetch(id, len).await;
+            if let Err(e) = &res {
+                tracing::warn!(ino, chunk = %id.fmt_short(), "fetching content: {e}");
+            }
+            let waiters = shared
+                .inflight
+                .lock()
+                .expect("inflight lock")
+                .remove(&id)
+                .unwrap_or_default();
+            for w in waiters {
+                w(res
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| StoreError::Invalid(e.to_string())));
+            }
+        });
+    }
+}
+
+impl Shared {
+    fn hello(&self, have: VersionVector) -> Message {
+        Message::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            device: self.device,
+            namespace: self.namespace_hash,
+            have: have.into_iter().collect(),
+        })
+    }
+
+    async fn version_vector(&self) -> Result<VersionVector> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.version_vector())
+            .await
+            .map_err(blocking_err)
+    }
+
+    /// Runs one connection until it ends.
+    async fn run(self: Arc<Self>, peer: Peer, dialer: bool) {
+        let key = peer.conn.stable_id();
+        let session = Arc::new(Session {
+            device: peer.device,
+            conn: peer.conn.clone(),
+            since: Instant::now(),
+            fetched: AtomicU64::new(0),
+            fetch_micros: AtomicU64::new(0),
+            last_seen: AtomicU64::new(0),
+        });
+        session.touch();
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(key, session.clone());
+        tracing::info!(device = %peer.device.fmt_short(), addr = %peer.conn.remote_address(), dialer, "connected");
+        let res = self
+            .clone()
+            .serve(peer.clone(), session.clone(), dialer)
+            .await;
+        self.sessions.lock().expect("sessions lock").remove(&key);
+        match res {
+            Ok(()) => tracing::info!(device = %peer.device.fmt_short(), "disconnected"),
+            Err(e) => {
+                tracing::warn!(device = %peer.device.fmt_short(), "session ended: {e}");
+                peer.conn.close(2u32.into(), b"session error");
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, peer: Peer, session: Arc<Session>, dialer: bool) -> Result<()> {
+        if dialer {
+            let (send, recv) = peer
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| NetError::Connect(e.to_string()))?;
+            let me = self.clone();
+            let (p, s) = (peer.clone(), session.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.sync(p.clone(), s, send, recv, None).await {
+                    tracing::warn!(device = %p.device.fmt_short(), "sync: {e}");
+                    p.conn.close(2u32.into(), b"sync error");
+                }
+            });
+        }
+        loop {
+            let (send, mut recv) = match peer.conn.accept_bi().await {
+                Ok(s) => s,
+                Err(quinn::ConnectionError::ApplicationClosed(_))
+                | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                Err(e) => return Err(NetError::Connect(e.to_string())),
+            };
+            session.touch();
+            let me = self.clone();
+            let (p, s) = (peer.clone(), session.clone());
+            tokio::spawn(async move {
+                let first = wire::read_message(&mut recv).await;
+                let res = match first {
+                    Ok(Some(Message::Hello(h))) => me.sync(p.clone(), s, send, recv, Some(h)).await,
+                    Ok(Some(Message::Want(ids))) => me.serve_chunks(send, recv, ids).await,
+                    Ok(Some(other)) => Err(NetError::Malformed(format!(
+                        "a stream cannot start with {other:?}"
+                    ))),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = res {
+                    tracing::warn!(device = %p.device.fmt_short(), "stream: {e}");
+                }
+            });
+        }
+    }
+
+    /// The sync stream: `Hello` both ways, then each side sends what the other lacks and
+    /// every new op after that.
+    async fn sync(
+        self: Arc<Self>,
+        peer: Peer,
+        session: Arc<Session>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        hello: Option<Hello>,
+    ) -> Result<()> {
+        let have = self.version_vector().await?;
+        wire::write_message(&mut send, &self.hello(have)).await?;
+        let hello = match hello {
+            Some(h) => h,
+            None => match wire::read_message(&mut recv).await? {
+                Some(Message::Hello(h)) => h,
+                other => {
+                    return Err(NetError::Malformed(format!(
+                        "expected Hello, got {other:?}"
+                    )))
+                }
+            },
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            return Err(NetError::Malformed(format!(
+                "protocol {} (this device speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            )));
+        }
+        if hello.device != peer.device {
+            return Err(NetError::Malformed(
+                "Hello names another device than the certificate".into(),
+            ));
+        }
+        if hello.namespace != self.namespace_hash {
+            return Err(NetError::Malformed(
+                "the peer is in another namespace".into(),
+            ));
+        }
+        let peer_have: VersionVector = hello.have.into_iter().collect();
+        let sender = tokio::spawn(self.clone().push(send, peer_have));
+        let res = self.receive(&peer, &session, recv).await;
+        sender.abort();
+        res
+    }
+
+    /// Sends the peer every op it lacks, now and whenever new ones are committed here.
+    async fn push(self: Arc<Self>, mut send: quinn::SendStream, mut peer_have: VersionVector) {
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let store = self.store.clone();
+            let have = peer_have.clone();
+            let ops = match tokio::task::spawn_blocking(move || store.ops_after(&have, BATCH_OPS))
+                .await
+            {
+                Ok(Ok(ops)) => ops,
+                Ok(Err(e)) => {
+                    tracing::error!("reading the op log: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if ops.is_empty() {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            // Cut into messages of about BATCH_BYTES.
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            let n = ops.len();
+            for (i, op) in ops.into_iter().enumerate() {
+                bytes += postcard::to_stdvec(&op).map_or(0, |v| v.len());
+                let e = peer_have.entry(op.id.device).or_default();
+                *e = (*e).max(op.id.seq);
+                batch.push(op);
+                if bytes >= BATCH_BYTES || i + 1 == n {
+                    let msg = Message::Ops(std::mem::take(&mut batch));
+                    if let Err(e) = wire::write_message(&mut send, &msg).await {
+                        tracing::debug!("pushing ops: {e}");
+                        return;
+                    }
+                    bytes = 0;
+                }
+            }
+        }
+    }
+
+    /// Applies the ops the peer sends.
+    async fn receive(
+        &self,
+        peer: &Peer,
+        session: &Session,
+        mut recv: quinn::RecvStream,
+    ) -> Result<()> {
+        loop {
+            let msg = match wire::read_message(&mut recv).await? {
+                Some(m) => m,
+                None => return Ok(()),
+            };
+            session.touch();
+            let Message::Ops(ops) = msg else {
+                return Err(NetError::Malformed(format!(
+                    "unexpected message on the sync stream: {msg:?}"
+                )));
+            };
+            let store = self.store.clone();
+            let is_open = self.hooks.is_open.clone();
+            let n = ops.len();
+            let applied = tokio::task::spawn_blocking(move || store.apply_remote(&ops, &*is_open))
+                .await
+                .map_err(blocking_err)?
+                .map_err(|e| {
+                    NetError::Malformed(format!("ops from {}: {e}", peer.device.fmt_short()))
+                })?;
+            tracing::debug!(
+                device = %peer.device.fmt_short(),
+                received = n,
+                applied = applied.applied,
+                "ops"
+            );
+            if applied.applied > 0 {
+                (self.hooks.applied)(&applied);
+                // Other peers may lack these too.
+                self.changed.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    /// Answers `Want` requests on one stream: each chunk held here, or `Missing`.
+    async fn serve_chunks(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut ids: Vec<ChunkId>,
+    ) -> Result<()> {
+        loop {
+            for id in ids {
+                let store = self.store.clone();
+                let data = tokio::task::spawn_blocking(move || store.chunk_if_held(&id))
+                    .await
+                    .map_err(blocking_err)?;
+                let msg = match data {
+                    Ok(Some(data)) => Message::Chunk { id, data },
+                    Ok(None) => Message::Missing(vec![id]),
+                    Err(e) => {
+                        tracing::warn!(chunk = %id.fmt_short(), "serving a chunk: {e}");
+                        Message::Missing(vec![id])
+                    }
+                };
+                wire::write_message(&mut send, &msg).await?;
+            }
+            match wire::read_message(&mut recv).await? {
+                Some(Message::Want(more)) => ids = more,
+                None => {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                Some(other) => {
+                    return Err(NetError::Malformed(format!(
+                        "unexpected message on a chunk stream: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Fetches one chunk: each connected device in turn (fastest first) until one delivers
+    /// bytes that match the id; waits for a connection while there is none.
+    async fn fetch(&self, id: ChunkId, len: u32) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.opts.fetch_timeout;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last = String::from("no device holding it is reachable");
+        loop {
+            let next = {
+                let sessions = self.sessions.lock().expect("sessions lock");
+                let mut s: Vec<(usize, Arc<Session>)> = sessions
+                    .iter()
+                    .filter(|(k, _)| !tried.contains(k))
+                    .map(|(k, s)| (*k, s.clone()))
+                    .collect();
+                s.sort_by_key(|(_, s)| s.conn.rtt());
+                s.into_iter().next()
+            };
+            let Some((key, session)) = next else {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(NetError::Connect(format!(
+                        "chunk {}: {last} (gave up after {:?})",
+                        id.fmt_short(),
+                        self.opts.fetch_timeout
+                    )));
+                }
+                // Wait for a (new) connection.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if tried.len() >= self.sessions.lock().expect("sessions lock").len() {
+                    tried.clear();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                continue;
+            };
+            tried.push(key);
+            let started = Instant::now();
+            match tokio::time::timeout_at(deadline, ask(&session.conn, id, len)).await {
+                Err(_) => {
+                    return Err(NetError::Connect(format!(
+                        "chunk {}: no answer within {:?}",
+                        id.fmt_short(),
+                        self.opts.fetch_timeout
+                    )))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(device = %session.device.fmt_short(), chunk = %id.fmt_short(), "fetch: {e}");
+                    last = e.to_string();
+                }
+                Ok(Ok(data)) => {
+                    session
+                        .fetched
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    session
+                        .fetch_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    session.touch();
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.put_fetched(&id, &data))
+                        .await
+                        .map_err(blocking_err)?
+                        .map_err(|e| NetError::Io(std::io::Error::other(e)))?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Asks one device for one chunk; checks what comes back against the id.
+async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<Bytes> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| NetError::Connect(e.to_string()))?;
+    wire::write_message(&mut send, &Message::Want(vec![id])).await?;
+    let _ = send.finish();
+    match wire::read_message(&mut recv).await? {
+        Some(Message::Chunk { id: got, data }) => {
+            if got != id || data.len() != len as usize || ChunkId::of(&data) != id {
+                return Err(NetError::Malformed(format!(
+                    "the peer sent wrong bytes for chunk {}",
+                    id.fmt_short()
+                )));
+            }
+            Ok(data)
+        }
+        Some(Message::Missing(_)) => Err(NetError::Connect("the peer does not hold it".into())),
+        other => Err(NetError::Malformed(format!(
+            "unexpected answer to Want: {other:?}"
+        ))),
+    }
+}

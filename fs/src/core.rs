@@ -154,6 +154,12 @@ impl Fs {
         })
     }
 
+    /// True if the kernel holds `ino` open or referenced (a remote delete keeps it until
+    /// closed).
+    pub fn is_open(&self, ino: Ino) -> bool {
+        self.inodes.is_open(ino)
+    }
+
     /// Sets where absent chunks are fetched from.
     pub fn set_remote(&self, remote: Arc<dyn ChunkSource>) {
         *self.remote.write() = Some(remote);

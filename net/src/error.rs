@@ -28,6 +28,9 @@ pub enum NetError {
     /// An I/O error on the stream.
     #[error("stream I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The local store refused or failed.
+    #[error("store: {0}")]
+    Store(#[from] pvfs_store::StoreError),
 }
 
 /// Result with `NetError`.

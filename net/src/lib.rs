@@ -6,6 +6,7 @@
 //! that `tools` wires to this crate), or trust any byte from a peer before validating it.
 
 pub mod error;
+pub mod join;
 pub mod sync;
 pub mod tls;
 pub mod transport;

@@ -240,6 +240,50 @@ impl Net {
             .collect()
     }
 
+    /// Asks every connected device which of `ids` it holds: (device, held flags).
+    pub async fn holders(&self, ids: &[ChunkId]) -> Vec<(DeviceId, Vec<bool>)> {
+        let sessions: Vec<Arc<Session>> = self
+            .shared
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<(DeviceId, Vec<bool>)> = Vec::new();
+        for s in sessions {
+            if out.iter().any(|(d, _)| *d == s.device) {
+                continue;
+            }
+            let mut held = Vec::with_capacity(ids.len());
+            for part in ids.chunks(wire::MAX_IDS) {
+                match tokio::time::timeout(Duration::from_secs(5), ask_has(&s.conn, part)).await {
+                    Ok(Ok(bits)) => held.extend(
+                        (0..part.len())
+                            .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)),
+                    ),
+                    _ => {
+                        held.clear();
+                        break;
+                    }
+                }
+            }
+            if held.len() == ids.len() {
+                out.push((s.device, held));
+            }
+        }
+        out
+    }
+
+    /// Closes the connections of `device` (after it was removed from the namespace).
+    pub fn disconnect(&self, device: DeviceId) {
+        for s in self.shared.sessions.lock().expect("sessions lock").values() {
+            if s.device == device {
+                s.conn.close(3u32.into(), b"removed from the namespace");
+            }
+        }
+    }
+
     /// Closes every connection.
     pub fn close(&self) {
         self.shared.endpoint.close();
@@ -362,6 +406,7 @@ impl Shared {
                 let res = match first {
                     Ok(Some(Message::Hello(h))) => me.sync(p.clone(), s, send, recv, Some(h)).await,
                     Ok(Some(Message::Want(ids))) => me.serve_chunks(send, recv, ids).await,
+                    Ok(Some(Message::Has(ids))) => me.serve_has(send, ids).await,
                     Ok(Some(other)) => Err(NetError::Malformed(format!(
                         "a stream cannot start with {other:?}"
                     ))),
@@ -506,6 +551,27 @@ impl Shared {
         }
     }
 
+    /// Answers one `Has`: which of the chunks this device holds.
+    async fn serve_has(&self, mut send: quinn::SendStream, ids: Vec<ChunkId>) -> Result<()> {
+        let store = self.store.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| store.has_chunk(id))
+                .collect::<pvfs_store::Result<Vec<bool>>>()
+        })
+        .await
+        .map_err(blocking_err)??;
+        let mut bits = vec![0u8; held.len().div_ceil(8)];
+        for (i, h) in held.iter().enumerate() {
+            if *h {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        wire::write_message(&mut send, &Message::Holding(bits)).await?;
+        let _ = send.finish();
+        Ok(())
+    }
+
     /// Answers `Want` requests on one stream: each chunk held here, or `Missing`.
     async fn serve_chunks(
         &self,
@@ -608,6 +674,22 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// Asks one device which of `ids` it holds.
+async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| NetError::Connect(e.to_string()))?;
+    wire::write_message(&mut send, &Message::Has(ids.to_vec())).await?;
+    let _ = send.finish();
+    match wire::read_message(&mut recv).await? {
+        Some(Message::Holding(bits)) if bits.len() == ids.len().div_ceil(8) => Ok(bits),
+        other => Err(NetError::Malformed(format!(
+            "unexpected answer to Has: {other:?}"
+        ))),
     }
 }
 

@@ -68,6 +68,24 @@ pub enum Message {
     Missing(Vec<ChunkId>),
     /// The sender closes the stream because of this problem.
     Error(String),
+    /// Which of these chunks does the receiver hold? (`pvfs-admin where`.)
+    Has(Vec<ChunkId>),
+    /// The answer to `Has`: one bit per chunk asked about, in order.
+    Holding(Vec<u8>),
+    /// A new device asks to join, with the secret of an invitation (join endpoint only).
+    Join {
+        /// The invitation's one-time secret.
+        secret: [u8; 16],
+        /// The new device's name.
+        name: String,
+    },
+    /// The invitation was good: the new device is a member of this namespace.
+    Welcome {
+        /// The namespace id.
+        namespace: [u8; 16],
+        /// The inviting device's name.
+        name: String,
+    },
 }
 
 impl Message {
@@ -99,6 +117,11 @@ impl Message {
             Message::Want(ids) | Message::Missing(ids) => over("chunk ids", ids.len(), MAX_IDS),
             Message::Chunk { data, .. } => over("chunk bytes", data.len(), MAX_CHUNK),
             Message::Error(text) => over("error text bytes", text.len(), MAX_TEXT),
+            Message::Has(ids) => over("chunk ids", ids.len(), MAX_IDS),
+            Message::Holding(bits) => over("bitmap bytes", bits.len(), MAX_IDS.div_ceil(8)),
+            Message::Join { name, .. } | Message::Welcome { name, .. } => {
+                over("name bytes", name.len(), pvfs_store::MEMBER_NAME_MAX)
+            }
         }
     }
 }
@@ -191,6 +214,16 @@ mod tests {
             },
             Message::Missing(vec![]),
             Message::Error("no such namespace".into()),
+            Message::Has(vec![ChunkId([6; 32])]),
+            Message::Holding(vec![1]),
+            Message::Join {
+                secret: [8; 16],
+                name: "laptop".into(),
+            },
+            Message::Welcome {
+                namespace: [9; 16],
+                name: "desktop".into(),
+            },
         ]
     }
 

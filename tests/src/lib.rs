@@ -111,11 +111,18 @@ impl Daemon {
             .append(true)
             .open(&log)
             .expect("log file");
+        // Tests run side by side: each daemon listens on a port of its own.
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let child = Command::new(bin("pvfs"))
             .arg("mount")
             .arg(mnt)
             .arg("--data")
             .arg(data)
+            .args(listen)
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -292,6 +299,34 @@ pub fn stats(data: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("stats json")
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
+/// Runs `pvfs ARGS...`.
+pub fn pvfs(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(bin("pvfs"))
+        .args(args)
+        .output()
+        .expect("run pvfs")
+}
+
+/// Polls `check` every 20 ms for up to `timeout`; true once it holds.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
 }
 
 /// A temporary directory with `data/` and `mnt/` for one daemon.

@@ -23,6 +23,16 @@ pub struct Node {
     pub mountpoint: PathBuf,
     /// When the daemon started.
     pub started: Instant,
+    /// The network, once started.
+    pub network: std::sync::OnceLock<crate::network::Network>,
+}
+
+impl Node {
+    fn network(&self) -> anyhow::Result<&crate::network::Network> {
+        self.network
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("the network is not running yet"))
+    }
 }
 
 /// Answers a request (on a blocking thread: it may scan the whole store).
@@ -39,7 +49,45 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
         })),
         Request::Stats => Ok(stats(&node.store)),
         Request::Fsck => fsck(&node.store),
+        Request::Peers => Ok(node.network()?.peers()),
+        Request::Devices => {
+            let connected: Vec<_> = node
+                .network
+                .get()
+                .map(|n| n.net.peers())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| parse_device(&p.device))
+                .collect();
+            crate::network::devices(&node.store, &connected)
+        }
+        Request::RemoveDevice { name } => {
+            let (device, v) = crate::network::remove_device(&node.store, name)?;
+            if let Some(n) = node.network.get() {
+                n.disconnect(device);
+            }
+            Ok(v)
+        }
+        Request::Invite { ttl_secs } => node.network()?.invite(std::time::Duration::from_secs(
+            ttl_secs
+                .unwrap_or(crate::network::INVITE_TTL.as_secs())
+                .clamp(1, 7 * 86_400),
+        )),
+        Request::Where { path } => node
+            .network()?
+            .where_held(&node.store, &node.mountpoint, path),
     }
+}
+
+fn parse_device(s: &str) -> Option<pvfs_store::DeviceId> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(pvfs_store::DeviceId(id))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -123,6 +171,70 @@ pub fn print_human(req: &Request, v: &Value) {
                     v[k].as_str()
                         .map(str::to_owned)
                         .unwrap_or_else(|| v[k].to_string())
+                );
+            }
+        }
+        Request::Invite { .. } => println!("{}", v["token"].as_str().unwrap_or_default()),
+        Request::Peers => {
+            let rows = v.as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                println!("no device connected");
+            }
+            for p in rows {
+                println!(
+                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  last seen {}",
+                    &p["device"].as_str().unwrap_or_default()
+                        [..8.min(p["device"].as_str().unwrap_or_default().len())],
+                    p["addr"].as_str().unwrap_or_default(),
+                    p["rtt_ms"].as_f64().unwrap_or(0.0),
+                    human_bytes(p["fetched_bytes"].as_u64().unwrap_or(0)),
+                    p["throughput_mbs"].as_f64().unwrap_or(0.0),
+                    p["last_seen"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        Request::Devices => {
+            for d in v.as_array().cloned().unwrap_or_default() {
+                let state = if d["removed"].as_bool().unwrap_or(false) {
+                    "removed"
+                } else if d["this_device"].as_bool().unwrap_or(false) {
+                    "this device"
+                } else if d["connected"].as_bool().unwrap_or(false) {
+                    "connected"
+                } else {
+                    "not connected"
+                };
+                println!(
+                    "{}  {:<24} {state}",
+                    d["device"].as_str().unwrap_or_default(),
+                    d["name"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Request::RemoveDevice { .. } => println!(
+            "removed {} ({}); it is refused from now on",
+            v["name"].as_str().unwrap_or_default(),
+            v["removed"].as_str().unwrap_or_default()
+        ),
+        Request::Where { .. } => {
+            let total = u("bytes");
+            for d in v["devices"].as_array().cloned().unwrap_or_default() {
+                let b = d["bytes"].as_u64().unwrap_or(0);
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    b as f64 * 100.0 / total as f64
+                };
+                let me = if d["this_device"].as_bool().unwrap_or(false) {
+                    " (this device)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{}{me}  {} of {} ({pct:.0}%)",
+                    d["device"].as_str().unwrap_or_default(),
+                    human_bytes(b),
+                    human_bytes(total)
                 );
             }
         }

@@ -22,6 +22,33 @@ pub struct Config {
     pub fuse: FuseConfig,
     /// Store settings.
     pub store: StoreConfig,
+    /// Network settings.
+    pub net: NetConfig,
+}
+
+/// `[net]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetConfig {
+    /// UDP address of the QUIC endpoint.
+    pub listen: String,
+    /// Devices to connect to, `host:port`.
+    pub peers: Vec<String>,
+    /// Seconds before a read of content that no reachable device delivers fails.
+    pub fetch_timeout_secs: u64,
+    /// Find and announce devices on the local network with mDNS.
+    pub mdns: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: "0.0.0.0:7420".into(),
+            peers: Vec::new(),
+            fetch_timeout_secs: 30,
+            mdns: true,
+        }
+    }
 }
 
 /// `[fuse]`.
@@ -120,6 +147,18 @@ impl Config {
         anyhow::ensure!(
             (1..=4096).contains(&self.store.commit_threshold_mb),
             "store.commit_threshold_mb must be 1..=4096"
+        );
+        self.net
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| anyhow::anyhow!("net.listen must be an IP address and port"))?;
+        anyhow::ensure!(
+            self.net.peers.len() <= 1024 && self.net.peers.iter().all(|p| p.contains(':')),
+            "net.peers must be host:port strings"
+        );
+        anyhow::ensure!(
+            (1..=3600).contains(&self.net.fetch_timeout_secs),
+            "net.fetch_timeout_secs must be 1..=3600"
         );
         if let Some(n) = &self.name {
             anyhow::ensure!(

@@ -31,6 +31,26 @@ pub enum Request {
     Stats,
     /// Full consistency check.
     Fsck,
+    /// Devices connected now.
+    Peers,
+    /// Member devices.
+    Devices,
+    /// Removes a member for good.
+    RemoveDevice {
+        /// Its name or device id (prefix).
+        name: String,
+    },
+    /// A one-time invitation token.
+    Invite {
+        /// Lifetime in seconds (default one hour).
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+    },
+    /// Which devices hold the content of a path.
+    Where {
+        /// The path (absolute below the mount point, or relative to its root).
+        path: std::path::PathBuf,
+    },
 }
 
 /// The answer to a request.

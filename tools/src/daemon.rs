@@ -22,6 +22,7 @@ use pvfs_store::{RootOwner, Store, StoreOptions};
 use crate::admin::Node;
 use crate::config::{home, Config, DataDir};
 use crate::identity::Identity;
+use pvfs_net::tls::DeviceCert;
 
 /// Environment variable through which a backgrounded daemon reports readiness.
 const READY_FD_ENV: &str = "PVFS_READY_FD";
@@ -37,6 +38,10 @@ pub struct MountArgs {
     pub background: bool,
     /// FUSE threads (overrides the config).
     pub fuse_threads: Option<usize>,
+    /// UDP address for QUIC (overrides the config).
+    pub listen: Option<String>,
+    /// Devices to connect to, in addition to the config's.
+    pub peers: Vec<String>,
 }
 
 fn store_options(config: &Config) -> StoreOptions {
@@ -105,7 +110,75 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
         owner,
     )
     .with_context(|| format!("creating the store in {}", data.root().display()))?;
-    tracing::info!(device = %store.device(), name = %device_name(&config), "created a new device and namespace");
+    let name = device_name(&config);
+    store.commit(true, |tx| tx.set_member(store.device(), &name, true))?;
+    tracing::info!(device = %store.device(), %name, "created a new device and namespace");
+    Ok(store)
+}
+
+/// `pvfs join`: a new device in the namespace of the invitation `token`.
+pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<Store> {
+    make_data_dir(data)?;
+    if Store::exists(data.root()) {
+        anyhow::bail!("{} already holds a pvfs store", data.root().display());
+    }
+    let mut config = Config::load(data)?;
+    if let Some(n) = name {
+        config.name = Some(n.to_string());
+    }
+    let name = device_name(&config);
+    let identity = if data.identity().exists() {
+        Identity::load(&data.identity())?
+    } else {
+        let id = Identity::generate()?;
+        id.save(&data.identity())?;
+        id
+    };
+    let cert = DeviceCert::from_key_pem(&identity.pem())?;
+    let (invite, namespace, inviter_name) = crate::network::join(token, &cert, &name)?;
+    // Remember the inviting device's addresses (and our name) for the next mount.
+    let path = data.config();
+    let mut table: toml::Table = match std::fs::read_to_string(&path) {
+        Ok(t) => toml::from_str(&t).with_context(|| path.display().to_string())?,
+        Err(_) => toml::Table::new(),
+    };
+    table.insert("name".into(), toml::Value::String(name.clone()));
+    let net = table
+        .entry("net")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(net) = net {
+        let mut peers: Vec<toml::Value> = net
+            .get("peers")
+            .and_then(|p| p.as_array().cloned())
+            .unwrap_or_default();
+        for p in &invite.peers {
+            let v = toml::Value::String(p.to_string());
+            if !peers.contains(&v) {
+                peers.push(v);
+            }
+        }
+        net.insert("peers".into(), toml::Value::Array(peers));
+    }
+    let text = toml::to_string(&table)?;
+    Config::parse(&text, &path)?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    let owner = RootOwner {
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+    };
+    let store = Store::create_in(
+        data.root(),
+        &store_options(&config),
+        identity.device_id(),
+        owner,
+        Some(namespace),
+    )
+    .with_context(|| format!("creating the store in {}", data.root().display()))?;
+    store.commit(true, |tx| {
+        tx.set_member(store.device(), &name, true)?;
+        tx.set_member(invite.inviter, &inviter_name, true)
+    })?;
+    tracing::info!(device = %store.device(), %name, inviter = %inviter_name, "joined the namespace");
     Ok(store)
 }
 
@@ -261,10 +334,12 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
         name: device_name(&config),
         mountpoint: mountpoint.clone(),
         started: Instant::now(),
+        network: std::sync::OnceLock::new(),
     });
     let socket = data.socket();
     {
         let socket = socket.clone();
+        let node = node.clone();
         runtime.spawn(async move {
             if let Err(e) = crate::control::serve(&socket, node).await {
                 tracing::error!("control socket: {e:#}");
@@ -286,6 +361,22 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
         runtime.handle().clone(),
     )
     .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let identity = Identity::load(&data.identity())?;
+    let cert = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
+    let network = crate::network::start(
+        &runtime,
+        crate::network::Wiring {
+            store: &store,
+            cert,
+            config: &config,
+            listen: args.listen.as_deref(),
+            peers: &args.peers,
+            fs: &fs,
+            invalidator: mount.invalidator(),
+            name: &device_name(&config),
+        },
+    )?;
+    let _ = node.network.set(network.clone());
     let mut unmounter = mount.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -309,6 +400,7 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     let res = mount.run().context("serving the filesystem");
     signal_handle.close();
     let _ = signal_thread.join();
+    network.net.close();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = std::fs::remove_file(&socket);
     fs.flush_all()

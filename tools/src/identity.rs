@@ -51,6 +51,11 @@ impl Identity {
         Ok(())
     }
 
+    /// The key as PKCS#8 PEM (for the TLS certificate).
+    pub fn pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     /// The device id: derived from the public key.
     pub fn device_id(&self) -> DeviceId {
         DeviceId::from_public_key(self.key.public_key_raw())

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod identity;
+pub mod network;
 
 /// Sets up logging to stderr; `RUST_LOG` chooses what is shown (default: info).
 pub fn init_logging() {

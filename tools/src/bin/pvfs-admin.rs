@@ -31,6 +31,33 @@ enum Cmd {
     /// Verify every chunk hash, manifest, reference count and the tree; non-zero exit on any
     /// problem. Works with or without a running daemon.
     Fsck,
+    /// Print a one-time token (one line) with which another device joins: `pvfs join TOKEN`.
+    Invite {
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// The devices connected now: address, round-trip time, measured throughput, last seen.
+    Peers,
+    /// The member devices of the namespace; `devices remove NAME` removes one for good.
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesCmd>,
+    },
+    /// Which devices hold the content of a file or folder, and how much of it.
+    Where {
+        /// A path below the mount point (or relative to the mount's root).
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesCmd {
+    /// Remove a device: it is refused from then on, by every device.
+    Remove {
+        /// Its name or device id (or a unique prefix of the id).
+        name: String,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
@@ -39,14 +66,22 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Status => Request::Status,
         Cmd::Stats => Request::Stats,
         Cmd::Fsck => Request::Fsck,
+        Cmd::Invite { ttl } => Request::Invite {
+            ttl_secs: Some(ttl),
+        },
+        Cmd::Peers => Request::Peers,
+        Cmd::Devices { action: None } => Request::Devices,
+        Cmd::Devices {
+            action: Some(DevicesCmd::Remove { name }),
+        } => Request::RemoveDevice { name },
+        Cmd::Where { path } => Request::Where {
+            path: std::path::absolute(&path).unwrap_or(path),
+        },
     };
     let value = match control::call(&data.socket(), &req) {
         Ok(v) => v,
         Err(CallError::Failed(e)) => return Err(e),
         Err(CallError::NotRunning) => match req {
-            Request::Status => {
-                anyhow::bail!("no pvfs daemon is running for {}", data.root().display())
-            }
             Request::Stats | Request::Fsck => {
                 let config = Config::load(&data)?;
                 let opts = pvfs_store::StoreOptions {
@@ -64,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     _ => admin::stats(&store),
                 }
             }
+            _ => anyhow::bail!("no pvfs daemon is running for {}", data.root().display()),
         },
     };
     if cli.json {

@@ -34,6 +34,23 @@ enum Cmd {
         /// FUSE session threads (default from the config: 4).
         #[arg(long, help_heading = "Tuning")]
         fuse_threads: Option<usize>,
+        /// UDP address for QUIC between devices (default from the config: 0.0.0.0:7420).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// Another device to connect to (repeatable; adds to the config's `peers`).
+        #[arg(long = "peer", value_name = "ADDR:PORT")]
+        peers: Vec<String>,
+    },
+    /// Join an existing namespace with a token from `pvfs-admin invite` (no mount).
+    Join {
+        /// The invitation token.
+        token: String,
+        /// Data directory (default $PVFS_DATA or ~/.local/share/pvfs).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A name for this device (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Create a new device and a new namespace without mounting.
     Init {
@@ -76,12 +93,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             background,
             fuse_threads,
+            listen,
+            peers,
         } => daemon::mount(MountArgs {
             mountpoint,
             data,
             background,
             fuse_threads,
+            listen,
+            peers,
         }),
+        Cmd::Join { token, data, name } => {
+            let data = DataDir::resolve(data)?;
+            let store = daemon::join(&data, &token, name.as_deref())?;
+            println!("{}", store.device());
+            Ok(())
+        }
         Cmd::Init { data, name } => {
             let data = DataDir::resolve(data)?;
             let store = daemon::init(&data, name.as_deref())?;

@@ -1,0 +1,308 @@
+//! Pairing: one-time invitations and joining a namespace.
+//!
+//! Owns: the invitation token (what it carries, its text form), the join endpoint (a QUIC
+//! endpoint of its own, open while invitations are outstanding, whose only business is a
+//! `Join` with a valid secret) and the joining side.
+//! Must not: let a joining device do anything but join: it is not a member until the
+//! invitation is used, and the main endpoint never accepts it before.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pvfs_store::{DeviceId, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{NetError, Result};
+use crate::tls::{DeviceCert, Members};
+use crate::transport::Endpoint;
+use crate::wire::{self, Message};
+
+/// Text in front of every token (and its format version).
+const TOKEN_PREFIX: &str = "pvfs1-";
+
+/// What an invitation carries. The secret is the only credential: keep tokens private.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// The inviting device (the joiner accepts no other at the join address).
+    pub inviter: DeviceId,
+    /// Addresses of the inviting device's join endpoint.
+    pub join: Vec<SocketAddr>,
+    /// Addresses of its main endpoint, to sync with after joining.
+    pub peers: Vec<SocketAddr>,
+    /// One-time secret.
+    pub secret: [u8; 16],
+    /// Unix time after which the invitation is refused.
+    pub expires: u64,
+}
+
+impl Invite {
+    /// The token text: `pvfs1-` and the invitation in base64url.
+    pub fn to_token(&self) -> String {
+        let bytes = postcard::to_stdvec(self).expect("serializing plain data cannot fail");
+        format!(
+            "{TOKEN_PREFIX}{}",
+            data_encoding::BASE64URL_NOPAD.encode(&bytes)
+        )
+    }
+
+    /// Parses a token.
+    pub fn from_token(token: &str) -> Result<Invite> {
+        let bad = |why: &str| NetError::Malformed(format!("invitation token: {why}"));
+        let body = token
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or_else(|| bad("does not start with pvfs1-"))?;
+        if body.len() > 4096 {
+            return Err(bad("too long"));
+        }
+        let bytes = data_encoding::BASE64URL_NOPAD
+            .decode(body.as_bytes())
+            .map_err(|_| bad("not base64url"))?;
+        let (invite, rest): (Invite, &[u8]) =
+            postcard::take_from_bytes(&bytes).map_err(|_| bad("garbled"))?;
+        if !rest.is_empty() || invite.join.len() > 64 || invite.peers.len() > 64 {
+            return Err(bad("garbled"));
+        }
+        Ok(invite)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Any device may knock at the join endpoint; the secret decides.
+#[derive(Debug)]
+struct Anyone;
+
+impl Members for Anyone {
+    fn is_member(&self, _: &DeviceId) -> bool {
+        true
+    }
+}
+
+/// Exactly one device.
+#[derive(Debug)]
+struct Only(DeviceId);
+
+impl Members for Only {
+    fn is_member(&self, d: &DeviceId) -> bool {
+        *d == self.0
+    }
+}
+
+/// The inviting side: outstanding invitations and the endpoint that redeems them.
+pub struct Inviter {
+    store: Store,
+    name: String,
+    cert: Arc<DeviceCert>,
+    bind: SocketAddr,
+    endpoint: tokio::sync::OnceCell<Endpoint>,
+    /// secret -> expiry (unix seconds).
+    open: Mutex<HashMap<[u8; 16], u64>>,
+}
+
+impl std::fmt::Debug for Inviter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inviter").finish_non_exhaustive()
+    }
+}
+
+impl Inviter {
+    /// An inviter for `store` whose join endpoint binds `bind` (port 0: any) when the first
+    /// invitation is made.
+    pub fn new(
+        store: Store,
+        name: String,
+        cert: Arc<DeviceCert>,
+        bind: SocketAddr,
+    ) -> Arc<Inviter> {
+        Arc::new(Inviter {
+            store,
+            name,
+            cert,
+            bind,
+            endpoint: tokio::sync::OnceCell::new(),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Makes an invitation valid for `ttl`, good for one join. `hosts` are this device's
+    /// addresses as others can reach them; `main_port` the port of its main endpoint.
+    pub async fn invite(
+        self: &Arc<Self>,
+        hosts: &[std::net::IpAddr],
+        main_port: u16,
+        ttl: Duration,
+    ) -> Result<Invite> {
+        let endpoint = self
+            .endpoint
+            .get_or_try_init(|| async {
+                let ep = Endpoint::bind(self.bind, &self.cert, Arc::new(Anyone))?;
+                let me = self.clone();
+                let server = ep.clone();
+                tokio::spawn(async move { me.serve(server).await });
+                Ok::<_, NetError>(ep)
+            })
+            .await?;
+        let port = endpoint.local_addr()?.port();
+        let secret: [u8; 16] = pvfs_store::random_bytes();
+        let expires = unix_now() + ttl.as_secs().max(1);
+        {
+            let mut open = self.open.lock().expect("invites lock");
+            let now = unix_now();
+            open.retain(|_, &mut exp| exp > now);
+            open.insert(secret, expires);
+        }
+        Ok(Invite {
+            inviter: self.cert.device(),
+            join: hosts.iter().map(|h| SocketAddr::new(*h, port)).collect(),
+            peers: hosts
+                .iter()
+                .map(|h| SocketAddr::new(*h, main_port))
+                .collect(),
+            secret,
+            expires,
+        })
+    }
+
+    async fn serve(self: Arc<Self>, endpoint: Endpoint) {
+        while let Some(peer) = endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.redeem(&peer).await {
+                    tracing::warn!(device = %peer.device.fmt_short(), "join refused: {e}");
+                }
+                // Let the answer reach the joiner before the connection goes.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                peer.conn.close(0u32.into(), b"done");
+            });
+        }
+    }
+
+    async fn redeem(&self, peer: &crate::transport::Peer) -> Result<()> {
+        let (mut send, mut recv) =
+            tokio::time::timeout(Duration::from_secs(10), peer.conn.accept_bi())
+                .await
+                .map_err(|_| NetError::Connect("no request".into()))?
+                .map_err(|e| NetError::Connect(e.to_string()))?;
+        let Some(Message::Join { secret, name }) = wire::read_message(&mut recv).await? else {
+            return Err(NetError::Malformed("expected Join".into()));
+        };
+        let valid = {
+            let mut open = self.open.lock().expect("invites lock");
+            // One use only, whatever the outcome.
+            open.remove(&secret).is_some_and(|exp| exp > unix_now())
+        };
+        if !valid {
+            let msg =
+                Message::Error("the invitation was already used, has expired or is unknown".into());
+            let _ = wire::write_message(&mut send, &msg).await;
+            let _ = send.finish();
+            return Err(NetError::Connect(
+                "used, expired or unknown invitation".into(),
+            ));
+        }
+        if self
+            .store
+            .members()?
+            .iter()
+            .any(|(d, m)| *d == peer.device && m.removed)
+        {
+            let msg = Message::Error("this device was removed from the namespace".into());
+            let _ = wire::write_message(&mut send, &msg).await;
+            let _ = send.finish();
+            return Err(NetError::Connect(
+                "a removed device tried to join again".into(),
+            ));
+        }
+        let store = self.store.clone();
+        let device = peer.device;
+        let n = name.clone();
+        tokio::task::spawn_blocking(move || {
+            store.commit(true, |tx| tx.set_member(device, &n, true))
+        })
+        .await
+        .map_err(|e| NetError::Io(std::io::Error::other(e)))??;
+        tracing::info!(device = %device.fmt_short(), %name, "a new device joined");
+        let welcome = Message::Welcome {
+            namespace: self.store.namespace(),
+            name: self.name.clone(),
+        };
+        wire::write_message(&mut send, &welcome).await?;
+        let _ = send.finish();
+        Ok(())
+    }
+}
+
+/// The joining side: redeems `invite` as `cert`; returns the namespace id and the inviting
+/// device's name.
+pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<([u8; 16], String)> {
+    if invite.expires <= unix_now() {
+        return Err(NetError::Connect("the invitation has expired".into()));
+    }
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let endpoint = Endpoint::bind(any, cert, Arc::new(Only(invite.inviter)))?;
+    let mut last = NetError::Connect("the invitation names no address".into());
+    for addr in &invite.join {
+        let res = async {
+            let peer = endpoint.connect(*addr).await?;
+            let (mut send, mut recv) = peer
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| NetError::Connect(e.to_string()))?;
+            let msg = Message::Join {
+                secret: invite.secret,
+                name: name.to_string(),
+            };
+            wire::write_message(&mut send, &msg).await?;
+            let _ = send.finish();
+            match wire::read_message(&mut recv).await? {
+                Some(Message::Welcome { namespace, name }) => Ok((namespace, name)),
+                Some(Message::Error(e)) => Err(NetError::Connect(format!("refused: {e}"))),
+                other => Err(NetError::Malformed(format!("unexpected answer {other:?}"))),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), res).await {
+            Ok(Ok(ok)) => {
+                endpoint.close();
+                return Ok(ok);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = NetError::Connect(format!("{addr}: no answer")),
+        }
+    }
+    endpoint.close();
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_roundtrip_and_garbage_is_refused() {
+        let inv = Invite {
+            inviter: DeviceId([1; 16]),
+            join: vec!["127.0.0.1:9".parse().unwrap()],
+            peers: vec!["127.0.0.1:8".parse().unwrap()],
+            secret: [2; 16],
+            expires: 99,
+        };
+        assert_eq!(Invite::from_token(&inv.to_token()).unwrap(), inv);
+        for bad in [
+            "",
+            "pvfs1-",
+            "pvfs1-!!!",
+            "pvfs2-AAAA",
+            "pvfs1-AAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(Invite::from_token(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -79,6 +79,10 @@ pub struct PeerInfo {
     pub throughput_mbs: f64,
     /// Seconds since the connection was made.
     pub connected_secs: u64,
+    /// UDP bytes sent to it on this connection.
+    pub bytes_sent: u64,
+    /// UDP bytes received from it on this connection.
+    pub bytes_received: u64,
     /// Unix time the device was last heard from.
     pub last_seen: u64,
 }
@@ -88,11 +92,41 @@ struct Session {
     conn: quinn::Connection,
     since: Instant,
     fetched: AtomicU64,
-    fetch_micros: AtomicU64,
+    /// Fetches in flight, since when, and the total time with at least one in flight: the
+    /// measured throughput is bytes over busy time.
+    busy: Mutex<(usize, Option<Instant>, Duration)>,
     last_seen: AtomicU64,
 }
 
 impl Session {
+    fn busy(&self, starting: bool) {
+        let mut b = self.busy.lock().expect("busy lock");
+        if starting {
+            if b.0 == 0 {
+                b.1 = Some(Instant::now());
+            }
+            b.0 += 1;
+        } else {
+            b.0 = b.0.saturating_sub(1);
+            if b.0 == 0 {
+                if let Some(since) = b.1.take() {
+                    b.2 += since.elapsed();
+                }
+            }
+        }
+    }
+
+    fn throughput_mbs(&self) -> f64 {
+        let b = self.busy.lock().expect("busy lock");
+        let busy = b.2 + b.1.map_or(Duration::ZERO, |s| s.elapsed());
+        let secs = busy.as_secs_f64();
+        if secs > 0.0 {
+            self.fetched.load(Ordering::Relaxed) as f64 / secs / 1e6
+        } else {
+            0.0
+        }
+    }
+
     fn touch(&self) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -102,6 +136,44 @@ impl Session {
 }
 
 type Waiter = Box<dyn FnOnce(pvfs_store::Result<()>) + Send>;
+
+/// A fetched chunk on its way into the store: id, stored encoding, plaintext, and who waits.
+type Stashed = (
+    ChunkId,
+    Bytes,
+    Bytes,
+    tokio::sync::oneshot::Sender<pvfs_store::Result<()>>,
+);
+
+/// Chunks stored in one commit at most.
+const STASH_BATCH: usize = 64;
+
+/// Stores fetched chunks in batches: one commit for all that arrived meanwhile.
+async fn stash(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver<Stashed>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < STASH_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let chunks: Vec<(ChunkId, Bytes, Bytes)> = batch
+            .iter()
+            .map(|(id, enc, plain, _)| (*id, enc.clone(), plain.clone()))
+            .collect();
+        let store = store.clone();
+        let res = tokio::task::spawn_blocking(move || store.put_fetched(&chunks))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Invalid(format!("storing fetched chunks: {e}"))));
+        for (_, _, _, done) in batch {
+            let _ = done.send(match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Invalid(e.to_string())),
+            });
+        }
+    }
+}
 
 struct Shared {
     store: Store,
@@ -114,6 +186,7 @@ struct Shared {
     hooks: Hooks,
     opts: NetOptions,
     runtime: tokio::runtime::Handle,
+    stash: tokio::sync::mpsc::UnboundedSender<Stashed>,
 }
 
 /// The network side of a daemon. Cheap to clone.
@@ -146,6 +219,8 @@ impl Net {
         let members = Arc::new(StoreMembers(store.clone()));
         let endpoint = Endpoint::bind(opts.listen, cert, members)?;
         let (changed, _) = watch::channel(0u64);
+        let (stash_tx, stash_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(stash(store.clone(), stash_rx));
         let shared = Arc::new(Shared {
             device: store.device(),
             namespace_hash: namespace_hash(&store.namespace()),
@@ -157,6 +232,7 @@ impl Net {
             hooks,
             opts,
             runtime: tokio::runtime::Handle::current(),
+            stash: stash_tx,
         });
         {
             let tx = shared.changed.clone();
@@ -221,19 +297,16 @@ impl Net {
         sessions
             .values()
             .map(|s| {
-                let bytes = s.fetched.load(Ordering::Relaxed);
-                let micros = s.fetch_micros.load(Ordering::Relaxed);
+                let stats = s.conn.stats();
                 PeerInfo {
                     device: s.device.to_string(),
                     addr: s.conn.remote_address(),
                     rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
-                    fetched_bytes: bytes,
-                    throughput_mbs: if micros > 0 {
-                        bytes as f64 / micros as f64
-                    } else {
-                        0.0
-                    },
+                    fetched_bytes: s.fetched.load(Ordering::Relaxed),
+                    throughput_mbs: s.throughput_mbs(),
                     connected_secs: s.since.elapsed().as_secs(),
+                    bytes_sent: stats.udp_tx.bytes,
+                    bytes_received: stats.udp_rx.bytes,
                     last_seen: s.last_seen.load(Ordering::Relaxed),
                 }
             })
@@ -352,7 +425,7 @@ impl Shared {
             conn: peer.conn.clone(),
             since: Instant::now(),
             fetched: AtomicU64::new(0),
-            fetch_micros: AtomicU64::new(0),
+            busy: Mutex::new((0, None, Duration::ZERO)),
             last_seen: AtomicU64::new(0),
         });
         session.touch();
@@ -582,11 +655,11 @@ impl Shared {
         loop {
             for id in ids {
                 let store = self.store.clone();
-                let data = tokio::task::spawn_blocking(move || store.chunk_if_held(&id))
+                let data = tokio::task::spawn_blocking(move || store.stored_chunk(&id))
                     .await
                     .map_err(blocking_err)?;
                 let msg = match data {
-                    Ok(Some(data)) => Message::Chunk { id, data },
+                    Ok(Some((data, _))) => Message::Chunk { id, data },
                     Ok(None) => Message::Missing(vec![id]),
                     Err(e) => {
                         tracing::warn!(chunk = %id.fmt_short(), "serving a chunk: {e}");
@@ -644,8 +717,10 @@ impl Shared {
                 continue;
             };
             tried.push(key);
-            let started = Instant::now();
-            match tokio::time::timeout_at(deadline, ask(&session.conn, id, len)).await {
+            session.busy(true);
+            let res = tokio::time::timeout_at(deadline, ask(&session.conn, id, len)).await;
+            session.busy(false);
+            match res {
                 Err(_) => {
                     return Err(NetError::Connect(format!(
                         "chunk {}: no answer within {:?}",
@@ -657,20 +732,19 @@ impl Shared {
                     tracing::debug!(device = %session.device.fmt_short(), chunk = %id.fmt_short(), "fetch: {e}");
                     last = e.to_string();
                 }
-                Ok(Ok(data)) => {
+                Ok(Ok((encoded, plain))) => {
                     session
                         .fetched
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    session
-                        .fetch_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        .fetch_add(plain.len() as u64, Ordering::Relaxed);
                     session.touch();
-                    let store = self.store.clone();
-                    tokio::task::spawn_blocking(move || store.put_fetched(&id, &data))
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    self.stash
+                        .send((id, encoded, plain, tx))
+                        .map_err(|_| NetError::Connect("shutting down".into()))?;
+                    return rx
                         .await
-                        .map_err(blocking_err)?
-                        .map_err(|e| NetError::Io(std::io::Error::other(e)))?;
-                    return Ok(());
+                        .map_err(|_| NetError::Connect("shutting down".into()))?
+                        .map_err(NetError::Store);
                 }
             }
         }
@@ -693,8 +767,9 @@ async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
     }
 }
 
-/// Asks one device for one chunk; checks what comes back against the id.
-async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<Bytes> {
+/// Asks one device for one chunk; checks what comes back against the id. Returns the
+/// stored encoding and the plaintext.
+async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<(Bytes, Bytes)> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -703,13 +778,16 @@ async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<Bytes> {
     let _ = send.finish();
     match wire::read_message(&mut recv).await? {
         Some(Message::Chunk { id: got, data }) => {
-            if got != id || data.len() != len as usize || ChunkId::of(&data) != id {
-                return Err(NetError::Malformed(format!(
-                    "the peer sent wrong bytes for chunk {}",
-                    id.fmt_short()
-                )));
-            }
-            Ok(data)
+            let plain = (got == id)
+                .then(|| pvfs_store::decode_fetched(&id, &data, len).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    NetError::Malformed(format!(
+                        "the peer sent wrong bytes for chunk {}",
+                        id.fmt_short()
+                    ))
+                })?;
+            Ok((data, plain))
         }
         Some(Message::Missing(_)) => Err(NetError::Connect("the peer does not hold it".into())),
         other => Err(NetError::Malformed(format!(

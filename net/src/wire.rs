@@ -57,11 +57,12 @@ pub enum Message {
     Ops(Vec<OpRecord>),
     /// Asks for the plaintext of these chunks.
     Want(Vec<ChunkId>),
-    /// One chunk's plaintext; the receiver checks it against `id` before using it.
+    /// One chunk as the sender stores it (the plaintext, or a zstd frame when that is
+    /// shorter); the receiver decodes it and checks it against `id` before using it.
     Chunk {
         /// The chunk's BLAKE3 id.
         id: ChunkId,
-        /// Its plaintext.
+        /// Its stored encoding.
         data: Bytes,
     },
     /// The sender does not hold these chunks.

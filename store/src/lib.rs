@@ -43,6 +43,12 @@ pub use types::{
     random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO,
 };
 
+/// The plaintext of a chunk received in its stored encoding (raw, or a zstd frame when
+/// shorter than `len`), checked against its id: a peer's bytes are never trusted.
+pub fn decode_fetched(id: &ChunkId, encoded: &[u8], len: u32) -> Result<bytes::Bytes> {
+    chunk::decode_verified(id, encoded.to_vec(), len as usize)
+}
+
 /// Where absent chunks come from: implemented by the network layer, wired in by the daemon,
 /// so that the filesystem can ask for content without depending on the network.
 ///

@@ -541,27 +541,26 @@ impl Store {
         }
     }
 
-    /// Stores a chunk fetched from another device, if this device references it and lacks
-    /// its data. The plaintext is checked against `id` first. Returns whether it was stored.
-    pub fn put_fetched(&self, id: &ChunkId, plain: &Bytes) -> Result<bool> {
-        if ChunkId::of(plain) != *id {
-            return Err(StoreError::Invalid(format!(
-                "chunk {} does not match its id",
-                id.fmt_short()
-            )));
-        }
-        let encoded = chunk::encode(plain);
-        let stored = self.commit(false, |tx| {
-            tx.store_absent(id, plain.len(), encoded.to_vec())
+    /// Stores chunks fetched from other devices, in one commit: each as `(id, stored
+    /// encoding, plaintext)` where the plaintext was decoded from the encoding and checked
+    /// against the id (`decode_fetched`). Chunks this device no longer references, or
+    /// already holds, are skipped.
+    pub fn put_fetched(&self, chunks: &[(ChunkId, Bytes, Bytes)]) -> Result<()> {
+        self.commit(false, |tx| {
+            for (id, encoded, plain) in chunks {
+                tx.store_absent(id, plain.len(), encoded.to_vec())?;
+            }
+            Ok(())
         })?;
-        if stored {
+        for (id, _, plain) in chunks {
             self.inner.cache.insert(*id, plain.clone());
         }
-        Ok(stored)
+        Ok(())
     }
 
-    /// The plaintext of a chunk if it is stored on this device (to serve a peer).
-    pub fn chunk_if_held(&self, id: &ChunkId) -> Result<Option<Bytes>> {
+    /// The stored encoding of a chunk held here and its plaintext length (to serve a peer,
+    /// which decodes and checks it).
+    pub fn stored_chunk(&self, id: &ChunkId) -> Result<Option<(Bytes, u32)>> {
         let Some(v) = self.inner.backend.get(Cf::Refs, &id.0)? else {
             return Ok(None);
         };
@@ -569,7 +568,11 @@ impl Store {
         if r.stored == 0 {
             return Ok(None);
         }
-        self.chunk(id, r.len).map(Some)
+        Ok(self
+            .inner
+            .backend
+            .get_chunk(&id.0)?
+            .map(|data| (Bytes::from(data), r.len)))
     }
 
     /// True if the chunk is stored on this device.

@@ -28,6 +28,8 @@ use crate::wire::{self, Hello, Message, PROTOCOL_VERSION};
 const BATCH_OPS: usize = 512;
 /// Encoded bytes per `Ops` message, roughly.
 const BATCH_BYTES: usize = 1 << 20;
+/// How often devices heard of but not connected are dialled again.
+const REDIAL: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts to reach a peer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -187,6 +189,9 @@ struct Shared {
     opts: NetOptions,
     runtime: tokio::runtime::Handle,
     stash: tokio::sync::mpsc::UnboundedSender<Stashed>,
+    /// Devices heard of (mDNS) and where: redialled while not connected.
+    known: Mutex<HashMap<DeviceId, Vec<SocketAddr>>>,
+    dialing: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 /// The network side of a daemon. Cheap to clone.
@@ -233,6 +238,8 @@ impl Net {
             opts,
             runtime: tokio::runtime::Handle::current(),
             stash: stash_tx,
+            known: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(Default::default()),
         });
         {
             let tx = shared.changed.clone();
@@ -241,6 +248,23 @@ impl Net {
             }));
         }
         let net = Net { shared };
+        let keeper = net.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REDIAL).await;
+                let known: Vec<DeviceId> = keeper
+                    .shared
+                    .known
+                    .lock()
+                    .expect("known lock")
+                    .keys()
+                    .copied()
+                    .collect();
+                for d in known {
+                    keeper.dial_known(d);
+                }
+            }
+        });
         let acceptor = net.clone();
         tokio::spawn(async move {
             while let Some(peer) = acceptor.shared.endpoint.accept().await {
@@ -249,6 +273,76 @@ impl Net {
             }
         });
         Ok(net)
+    }
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.shared.device
+    }
+
+    /// The hash of the namespace id, as `Hello` and mDNS carry it.
+    pub fn namespace_hash(&self) -> [u8; 32] {
+        self.shared.namespace_hash
+    }
+
+    /// True while a session with `device` is open.
+    pub fn is_connected(&self, device: DeviceId) -> bool {
+        self.shared
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .any(|s| s.device == device)
+    }
+
+    /// A device was heard of at `addrs` (mDNS): it is dialled now, and again whenever it is
+    /// not connected.
+    pub fn discovered(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
+        if addrs.is_empty() {
+            return;
+        }
+        self.shared
+            .known
+            .lock()
+            .expect("known lock")
+            .insert(device, addrs);
+        self.dial_known(device);
+    }
+
+    fn dial_known(&self, device: DeviceId) {
+        if self.is_connected(device)
+            || !self
+                .shared
+                .dialing
+                .lock()
+                .expect("dialing lock")
+                .insert(device)
+        {
+            return;
+        }
+        let addrs = self
+            .shared
+            .known
+            .lock()
+            .expect("known lock")
+            .get(&device)
+            .cloned()
+            .unwrap_or_default();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            for a in addrs {
+                match shared.endpoint.connect(a).await {
+                    Ok(peer) if peer.device == device => {
+                        shared.dialing.lock().expect("dialing lock").remove(&device);
+                        shared.clone().run(peer, true).await;
+                        return;
+                    }
+                    Ok(peer) => peer.conn.close(4u32.into(), b"not the device announced"),
+                    Err(e) => tracing::debug!(%a, "dialling a discovered device: {e}"),
+                }
+            }
+            shared.dialing.lock().expect("dialing lock").remove(&device);
+        });
     }
 
     /// The address the endpoint listens on.

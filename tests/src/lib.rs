@@ -97,6 +97,16 @@ impl Daemon {
 
     /// Like `start`, with extra arguments; returns the daemon's output if it fails.
     pub fn try_start(data: &Path, mnt: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        Daemon::try_start_in(None, data, mnt, extra)
+    }
+
+    /// Like `try_start`, inside the network namespace `netns` (if any).
+    pub fn try_start_in(
+        netns: Option<&str>,
+        data: &Path,
+        mnt: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
         // A dead mount left by a crash makes create_dir_all fail with EEXIST: pvfs cleans it.
         if let Err(e) = std::fs::create_dir_all(mnt) {
             assert_eq!(
@@ -117,7 +127,17 @@ impl Daemon {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
-        let child = Command::new(bin("pvfs"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                // Only the network namespace: `ip netns exec` would also give the daemon a
+                // mount namespace of its own, hiding its mount from the test.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(bin("pvfs"));
+                c
+            }
+            None => Command::new(bin("pvfs")),
+        };
+        let child = cmd
             .arg("mount")
             .arg(mnt)
             .arg("--data")
@@ -299,6 +319,105 @@ pub fn stats(data: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("stats json")
+}
+
+/// A small LAN of network namespaces: `n` hosts, each with a veth link to one bridge that
+/// lives in a namespace of its own. Created and removed by the test (needs root and `ip`).
+#[derive(Debug)]
+pub struct Lan {
+    tag: String,
+    n: usize,
+    subnet: u8,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lan {
+    /// Creates the LAN; `Err` says why it cannot be made here (not root, no `ip`).
+    pub fn new(n: usize) -> Result<Lan, String> {
+        if !is_root() {
+            return Err("network namespaces need root".into());
+        }
+        let pid = std::process::id();
+        let lan = Lan {
+            tag: format!("pvfs{}", pid % 100_000),
+            n,
+            subnet: (pid % 200 + 20) as u8,
+        };
+        let br = lan.bridge_ns();
+        ip(&["netns", "add", &br])?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        ip(&["-n", &br, "link", "set", "lo", "up"])?;
+        for i in 1..=n {
+            let h = lan.host(i);
+            ip(&["netns", "add", &h])?;
+            ip(&["-n", &h, "link", "set", "lo", "up"])?;
+            let (inner, outer) = (format!("eth{i}"), format!("port{i}"));
+            ip(&[
+                "-n", &h, "link", "add", &inner, "type", "veth", "peer", "name", &outer, "netns",
+                &br,
+            ])?;
+            ip(&["-n", &br, "link", "set", &outer, "master", "br0"])?;
+            ip(&["-n", &br, "link", "set", &outer, "up"])?;
+            let addr = format!("{}/24", lan.addr(i));
+            ip(&["-n", &h, "addr", "add", &addr, "dev", &inner])?;
+            ip(&["-n", &h, "link", "set", &inner, "multicast", "on"])?;
+            ip(&["-n", &h, "link", "set", &inner, "up"])?;
+        }
+        Ok(lan)
+    }
+
+    fn bridge_ns(&self) -> String {
+        format!("{}-br", self.tag)
+    }
+
+    /// The namespace of host `i` (1-based).
+    pub fn host(&self, i: usize) -> String {
+        format!("{}-h{i}", self.tag)
+    }
+
+    /// The IPv4 address of host `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.{}.0.{i}", self.subnet)
+    }
+
+    /// Cuts (or restores) host `i`'s link to the bridge.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let port = format!("port{i}");
+        ip(&[
+            "-n",
+            &self.bridge_ns(),
+            "link",
+            "set",
+            &port,
+            if up { "up" } else { "down" },
+        ])
+        .expect("set link");
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for i in 1..=self.n {
+            let _ = ip(&["netns", "del", &self.host(i)]);
+        }
+        let _ = ip(&["netns", "del", &self.bridge_ns()]);
+    }
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.

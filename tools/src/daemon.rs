@@ -400,6 +400,7 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     let res = mount.run().context("serving the filesystem");
     signal_handle.close();
     let _ = signal_thread.join();
+    network.stop_discovery();
     network.net.close();
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = std::fs::remove_file(&socket);

@@ -31,6 +31,7 @@ pub struct Network {
     pub net: Net,
     inviter: Arc<Inviter>,
     runtime: tokio::runtime::Handle,
+    discovery: Arc<std::sync::Mutex<Option<pvfs_net::discovery::Discovery>>>,
 }
 
 /// What the network is started with.
@@ -103,11 +104,24 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
         cert,
         SocketAddr::new(listen.ip(), 0),
     );
-    tracing::info!(addr = %net.local_addr()?, "listening for devices");
+    let addr = net.local_addr()?;
+    tracing::info!(%addr, "listening for devices");
+    let discovery = if config.net.mdns {
+        match pvfs_net::discovery::Discovery::start(&net, addr.port()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!("mDNS discovery is off: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Network {
         net,
         inviter,
         runtime: runtime.handle().clone(),
+        discovery: Arc::new(std::sync::Mutex::new(discovery)),
     })
 }
 
@@ -190,6 +204,13 @@ impl Network {
             );
         }
         Ok(json!({ "path": path, "bytes": total, "devices": rows }))
+    }
+
+    /// Stops announcing and browsing.
+    pub fn stop_discovery(&self) {
+        if let Some(d) = self.discovery.lock().expect("discovery lock").take() {
+            d.stop();
+        }
     }
 
     /// Drops live connections of a device (after it was removed).

@@ -9,10 +9,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
-use pvfs_store::DeviceId;
 
 use crate::error::{NetError, Result};
-use crate::sync::Net;
+use crate::sync::{parse_device, Net};
 
 /// The DNS-SD service type of pvfs.
 pub const SERVICE: &str = "_pvfs._udp.local.";
@@ -24,17 +23,6 @@ fn ns_tag(namespace_hash: &[u8; 32]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn parse_device(s: &str) -> Option<DeviceId> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(DeviceId(id))
 }
 
 /// A running announcement and browse.

@@ -40,6 +40,8 @@ pub struct NetOptions {
     pub listen: SocketAddr,
     /// A read of content that no reachable device delivers fails after this long.
     pub fetch_timeout: Duration,
+    /// Where the last known address of each device is kept (redialled at start).
+    pub address_book: Option<std::path::PathBuf>,
 }
 
 /// What the network tells the rest of the daemon.
@@ -208,6 +210,40 @@ impl std::fmt::Debug for Net {
     }
 }
 
+/// The last known addresses of devices, from the address book (missing or unreadable: none).
+fn load_address_book(path: Option<&std::path::Path>) -> HashMap<DeviceId, Vec<SocketAddr>> {
+    let Some(path) = path else {
+        return HashMap::new();
+    };
+    let Ok(bytes) = std::fs::read(path) else {
+        return HashMap::new();
+    };
+    let parsed: std::collections::BTreeMap<String, Vec<SocketAddr>> =
+        match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring the address book: {e}");
+                return HashMap::new();
+            }
+        };
+    parsed
+        .into_iter()
+        .filter_map(|(d, a)| Some((parse_device(&d)?, a.into_iter().take(8).collect())))
+        .collect()
+}
+
+/// A device id from its hex form.
+pub fn parse_device(s: &str) -> Option<DeviceId> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(DeviceId(id))
+}
+
 /// BLAKE3 of a namespace id, as `Hello` and mDNS carry it.
 pub fn namespace_hash(namespace: &[u8; 16]) -> [u8; 32] {
     *blake3::hash(namespace).as_bytes()
@@ -222,6 +258,7 @@ impl Net {
     /// the tokio runtime that will run the network.
     pub fn start(store: Store, cert: &DeviceCert, opts: NetOptions, hooks: Hooks) -> Result<Net> {
         let members = Arc::new(StoreMembers(store.clone()));
+        let opts_book = opts.address_book.clone();
         let endpoint = Endpoint::bind(opts.listen, cert, members)?;
         let (changed, _) = watch::channel(0u64);
         let (stash_tx, stash_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -238,7 +275,7 @@ impl Net {
             opts,
             runtime: tokio::runtime::Handle::current(),
             stash: stash_tx,
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(load_address_book(opts_book.as_deref())),
             dialing: Mutex::new(Default::default()),
         });
         {
@@ -511,6 +548,35 @@ impl Shared {
             .map_err(blocking_err)
     }
 
+    /// Notes where a device was reached (one socket serves and dials, so an incoming
+    /// connection's address is where the device listens) and saves the address book.
+    fn remember(&self, device: DeviceId, addr: SocketAddr) {
+        let snapshot = {
+            let mut known = self.known.lock().expect("known lock");
+            let addrs = known.entry(device).or_default();
+            if addrs.first() == Some(&addr) {
+                return;
+            }
+            addrs.retain(|a| *a != addr);
+            addrs.insert(0, addr);
+            addrs.truncate(8);
+            known
+                .iter()
+                .map(|(d, a)| (d.to_string(), a.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        if let Some(path) = &self.opts.address_book {
+            let tmp = path.with_extension("tmp");
+            let res = serde_json::to_vec_pretty(&snapshot)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = res {
+                tracing::warn!(path = %path.display(), "saving the address book: {e}");
+            }
+        }
+    }
+
     /// Runs one connection until it ends.
     async fn run(self: Arc<Self>, peer: Peer, dialer: bool) {
         let key = peer.conn.stable_id();
@@ -528,6 +594,7 @@ impl Shared {
             .expect("sessions lock")
             .insert(key, session.clone());
         tracing::info!(device = %peer.device.fmt_short(), addr = %peer.conn.remote_address(), dialer, "connected");
+        self.remember(peer.device, peer.conn.remote_address());
         let res = self
             .clone()
             .serve(peer.clone(), session.clone(), dialer)
@@ -711,10 +778,35 @@ impl Shared {
                 "ops"
             );
             if applied.applied > 0 {
+                self.drop_removed().await;
                 (self.hooks.applied)(&applied);
                 // Other peers may lack these too.
                 self.changed.send_modify(|v| *v += 1);
             }
+        }
+    }
+
+    /// Closes the sessions of devices that are no longer members (a removal arrived).
+    async fn drop_removed(&self) {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect();
+        let store = self.store.clone();
+        let gone = tokio::task::spawn_blocking(move || {
+            sessions
+                .into_iter()
+                .filter(|s| !store.is_member(&s.device).unwrap_or(false))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for s in gone {
+            tracing::info!(device = %s.device.fmt_short(), "closing the session of a removed device");
+            s.conn.close(3u32.into(), b"removed from the namespace");
         }
     }
 
@@ -786,13 +878,13 @@ impl Shared {
         loop {
             let next = {
                 let sessions = self.sessions.lock().expect("sessions lock");
-                let mut s: Vec<(usize, Arc<Session>)> = sessions
+                // The least loaded device first, then the nearest: a large file's chunks
+                // spread over every device that holds them.
+                sessions
                     .iter()
                     .filter(|(k, _)| !tried.contains(k))
                     .map(|(k, s)| (*k, s.clone()))
-                    .collect();
-                s.sort_by_key(|(_, s)| s.conn.rtt());
-                s.into_iter().next()
+                    .min_by_key(|(_, s)| (s.busy.lock().expect("busy lock").0, s.conn.rtt()))
             };
             let Some((key, session)) = next else {
                 if tokio::time::Instant::now() >= deadline {

@@ -40,6 +40,7 @@ fn opts(timeout: Duration) -> NetOptions {
     NetOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         fetch_timeout: timeout,
+        address_book: None,
     }
 }
 

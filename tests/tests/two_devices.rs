@@ -37,6 +37,12 @@ fn hash_file(path: &std::path::Path) -> blake3::Hash {
 
 /// Starts A, invites B, joins B and starts it connected to A by `--peer`.
 fn pair(a: &Scratch, b: &Scratch) -> (Daemon, Daemon, String) {
+    let (da, db, token, _) = pair_with(a, b, "");
+    (da, db, token)
+}
+
+/// Like `pair`, with extra lines for the `[net]` table of B's config.
+fn pair_with(a: &Scratch, b: &Scratch, b_net: &str) -> (Daemon, Daemon, String, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let da = Daemon::try_start(&a.data(), &a.mnt(), &["--listen", &listen]).unwrap();
@@ -62,8 +68,16 @@ fn pair(a: &Scratch, b: &Scratch) -> (Daemon, Daemon, String) {
         "join: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    if !b_net.is_empty() {
+        // `pvfs join` wrote `[net]` last: these lines go into it.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(b.data().join("config.toml"))
+            .unwrap();
+        writeln!(f, "{b_net}").unwrap();
+    }
     let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen]).unwrap();
-    (da, db, token)
+    (da, db, token, listen)
 }
 
 #[test]
@@ -235,6 +249,87 @@ fn apps_sh_passes_on_b_while_it_syncs_with_a() {
         da.log_text()
     );
     let _ = admin(&a.data(), &["peers"]);
+    drop(db);
+    drop(da);
+    assert_fsck_clean(&a.data());
+    assert_fsck_clean(&b.data());
+}
+
+#[test]
+fn expired_tokens_unreachable_content_and_removed_devices() {
+    let (a, b) = (Scratch::new(), Scratch::new());
+    let (da, db, _, listen_a) = pair_with(&a, &b, "fetch_timeout_secs = 3");
+
+    // An expired token is refused.
+    let out = da.admin(&["invite", "--ttl", "1"]);
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::thread::sleep(Duration::from_millis(2100));
+    let c = Scratch::new();
+    let data_c = c.data();
+    let out = pvfs(&[
+        OsStr::new("join"),
+        OsStr::new(&token),
+        OsStr::new("--data"),
+        data_c.as_os_str(),
+    ]);
+    assert!(!out.status.success(), "an expired token was accepted");
+    println!(
+        "expired token: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+
+    // Content only A holds: with A gone, B's read fails with EIO after the timeout, and the
+    // log says which file and why.
+    let mut content = vec![0u8; 3 << 20];
+    fill(&mut content, &mut 42u64);
+    std::fs::write(a.mnt().join("only-on-a.bin"), &content).unwrap();
+    let on_b = b.mnt().join("only-on-a.bin");
+    assert!(wait_until(Duration::from_secs(10), || std::fs::metadata(
+        &on_b
+    )
+    .is_ok_and(|m| m.len() == content.len() as u64)));
+    drop(da);
+    let t = Instant::now();
+    let err = std::fs::read(&on_b).expect_err("read of unreachable content succeeded");
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "failed before the timeout: {waited:?}"
+    );
+    let log = db.log_text();
+    assert!(
+        log.contains("could not be read") && log.contains("ino"),
+        "the log names the file and the reason: {log}"
+    );
+    println!("unreachable content: EIO after {waited:?}");
+
+    // A comes back on the same address: B reconnects by itself and the read succeeds.
+    let da = Daemon::try_start(&a.data(), &a.mnt(), &["--listen", &listen_a]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(45), || std::fs::read(&on_b)
+            .is_ok_and(|d| d == content)),
+        "B did not reconnect\n{}",
+        db.log_text()
+    );
+
+    // A removes B: B is refused from then on and sees nothing new.
+    let out = da.admin(&["devices", "remove", "bee"]);
+    assert!(
+        out.status.success(),
+        "remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(a.mnt().join("after-removal.txt"), b"not for B").unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !b.mnt().join("after-removal.txt").exists(),
+        "a removed device got new names"
+    );
+    let peers = String::from_utf8_lossy(&da.admin(&["--json", "peers"]).stdout).to_string();
+    assert_eq!(peers.trim(), "[]", "A still has a session with B: {peers}");
+    let devices = String::from_utf8_lossy(&da.admin(&["devices"]).stdout).to_string();
+    assert!(devices.contains("removed"), "{devices}");
     drop(db);
     drop(da);
     assert_fsck_clean(&a.data());

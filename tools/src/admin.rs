@@ -57,7 +57,7 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
                 .map(|n| n.net.peers())
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|p| parse_device(&p.device))
+                .filter_map(|p| pvfs_net::sync::parse_device(&p.device))
                 .collect();
             crate::network::devices(&node.store, &connected)
         }
@@ -77,17 +77,6 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
             .network()?
             .where_held(&node.store, &node.mountpoint, path),
     }
-}
-
-fn parse_device(s: &str) -> Option<pvfs_store::DeviceId> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(pvfs_store::DeviceId(id))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -374,6 +374,7 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
             fs: &fs,
             invalidator: mount.invalidator(),
             name: &device_name(&config),
+            address_book: data.root().join("peers.json"),
         },
     )?;
     let _ = node.network.set(network.clone());

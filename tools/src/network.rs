@@ -53,6 +53,8 @@ pub struct Wiring<'a> {
     pub invalidator: Invalidator,
     /// This device's name.
     pub name: &'a str,
+    /// Where the last known addresses of devices are kept.
+    pub address_book: std::path::PathBuf,
 }
 
 /// Starts the network: listens, dials the static peers, fetches absent content for the
@@ -67,7 +69,9 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
         fs,
         invalidator,
         name,
+        address_book,
     } = w;
+    let address_book = Some(address_book);
     let listen: SocketAddr = listen
         .unwrap_or(&config.net.listen)
         .parse()
@@ -75,6 +79,7 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
     let opts = NetOptions {
         listen,
         fetch_timeout: Duration::from_secs(config.net.fetch_timeout_secs),
+        address_book,
     };
     let open_fs = fs.clone();
     let hooks = Hooks {

@@ -80,6 +80,7 @@ fn device(
     let opts = NetOptions {
         listen: "127.0.0.1:0".parse()?,
         fetch_timeout: Duration::from_secs(30),
+        address_book: None,
     };
     let hooks = Hooks {
         applied: Box::new(|_| {}),

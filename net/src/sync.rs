@@ -446,14 +446,7 @@ impl Net {
 
     /// Asks every connected device which of `ids` it holds: (device, held flags).
     pub async fn holders(&self, ids: &[ChunkId]) -> Vec<(DeviceId, Vec<bool>)> {
-        let sessions: Vec<Arc<Session>> = self
-            .shared
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .values()
-            .cloned()
-            .collect();
+        let sessions = self.shared.sessions();
         let mut out: Vec<(DeviceId, Vec<bool>)> = Vec::new();
         for s in sessions {
             if out.iter().any(|(d, _)| *d == s.device) {
@@ -532,6 +525,16 @@ impl ChunkSource for Net {
 }
 
 impl Shared {
+    /// The open sessions, now.
+    fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn hello(&self, have: VersionVector) -> Message {
         Message::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -788,13 +791,7 @@ impl Shared {
 
     /// Closes the sessions of devices that are no longer members (a removal arrived).
     async fn drop_removed(&self) {
-        let sessions: Vec<Arc<Session>> = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .values()
-            .cloned()
-            .collect();
+        let sessions = self.sessions();
         let store = self.store.clone();
         let gone = tokio::task::spawn_blocking(move || {
             sessions
@@ -937,15 +934,20 @@ impl Shared {
     }
 }
 
-/// Asks one device which of `ids` it holds.
-async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
+/// Sends one request on a new stream and reads the one answer.
+async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Option<Message>> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| NetError::Connect(e.to_string()))?;
-    wire::write_message(&mut send, &Message::Has(ids.to_vec())).await?;
+    wire::write_message(&mut send, msg).await?;
     let _ = send.finish();
-    match wire::read_message(&mut recv).await? {
+    wire::read_message(&mut recv).await
+}
+
+/// Asks one device which of `ids` it holds.
+async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
+    match request(conn, &Message::Has(ids.to_vec())).await? {
         Some(Message::Holding(bits)) if bits.len() == ids.len().div_ceil(8) => Ok(bits),
         other => Err(NetError::Malformed(format!(
             "unexpected answer to Has: {other:?}"
@@ -956,13 +958,7 @@ async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
 /// Asks one device for one chunk; checks what comes back against the id. Returns the
 /// stored encoding and the plaintext.
 async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<(Bytes, Bytes)> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| NetError::Connect(e.to_string()))?;
-    wire::write_message(&mut send, &Message::Want(vec![id])).await?;
-    let _ = send.finish();
-    match wire::read_message(&mut recv).await? {
+    match request(conn, &Message::Want(vec![id])).await? {
         Some(Message::Chunk { id: got, data }) => {
             let plain = (got == id)
                 .then(|| pvfs_store::decode_fetched(&id, &data, len).ok())

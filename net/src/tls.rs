@@ -146,6 +146,16 @@ impl MemberVerifier {
     }
 }
 
+/// The only signature scheme devices use.
+const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
+
+/// QUIC is TLS 1.3 only: a TLS 1.2 signature never comes, and is refused if it does.
+fn no_tls12() -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
+}
+
 impl ServerCertVerifier for MemberVerifier {
     fn verify_server_cert(
         &self,
@@ -165,9 +175,7 @@ impl ServerCertVerifier for MemberVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -180,7 +188,7 @@ impl ServerCertVerifier for MemberVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
@@ -205,9 +213,7 @@ impl ClientCertVerifier for MemberVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -220,7 +226,7 @@ impl ClientCertVerifier for MemberVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 

@@ -214,20 +214,8 @@ fn apps_sh_passes_on_b_while_it_syncs_with_a() {
         .find(|e| e.file_name().to_string_lossy().starts_with("apps-work"))
         .expect("apps.sh work dir kept")
         .file_name();
-    let out = Command::new("rsync")
-        .args([
-            "-a",
-            "--dry-run",
-            "--checksum",
-            "--itemize-changes",
-            "--delete",
-        ])
-        .arg(format!("{}/", b.mnt().join(&work).display()))
-        .arg(format!("{}/", a.mnt().join(&work).display()))
-        .output()
-        .expect("rsync");
-    let ok = wait_until(Duration::from_secs(60), || {
-        let o = Command::new("rsync")
+    let compare = || {
+        Command::new("rsync")
             .args([
                 "-a",
                 "--dry-run",
@@ -238,9 +226,13 @@ fn apps_sh_passes_on_b_while_it_syncs_with_a() {
             .arg(format!("{}/", b.mnt().join(&work).display()))
             .arg(format!("{}/", a.mnt().join(&work).display()))
             .output()
-            .expect("rsync");
+            .expect("rsync")
+    };
+    let ok = wait_until(Duration::from_secs(60), || {
+        let o = compare();
         o.status.success() && o.stdout.is_empty()
     });
+    let out = compare();
     assert!(
         ok,
         "A's copy of apps.sh's work differs from B's:\n{}{}\nA: {}",

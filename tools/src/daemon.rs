@@ -74,6 +74,24 @@ pub fn device_name(config: &Config) -> String {
     })
 }
 
+/// The device key of `data`, made now if there is none.
+fn load_or_create_identity(data: &DataDir) -> anyhow::Result<Identity> {
+    if data.identity().exists() {
+        return Identity::load(&data.identity());
+    }
+    let id = Identity::generate()?;
+    id.save(&data.identity())?;
+    Ok(id)
+}
+
+/// The caller's uid and gid: the owner of a new namespace's root on this device.
+fn current_owner() -> RootOwner {
+    RootOwner {
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+    }
+}
+
 /// `pvfs init`: a new device identity and a new namespace in `data`.
 pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     make_data_dir(data)?;
@@ -92,17 +110,8 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     let config = Config::load(data)?;
-    let identity = if data.identity().exists() {
-        Identity::load(&data.identity())?
-    } else {
-        let id = Identity::generate()?;
-        id.save(&data.identity())?;
-        id
-    };
-    let owner = RootOwner {
-        uid: rustix::process::getuid().as_raw(),
-        gid: rustix::process::getgid().as_raw(),
-    };
+    let identity = load_or_create_identity(data)?;
+    let owner = current_owner();
     let store = Store::create(
         data.root(),
         &store_options(&config),
@@ -127,13 +136,7 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
         config.name = Some(n.to_string());
     }
     let name = device_name(&config);
-    let identity = if data.identity().exists() {
-        Identity::load(&data.identity())?
-    } else {
-        let id = Identity::generate()?;
-        id.save(&data.identity())?;
-        id
-    };
+    let identity = load_or_create_identity(data)?;
     let cert = DeviceCert::from_key_pem(&identity.pem())?;
     let (invite, namespace, inviter_name) = crate::network::join(token, &cert, &name)?;
     // Remember the inviting device's addresses (and our name) for the next mount.
@@ -162,10 +165,7 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     let text = toml::to_string(&table)?;
     Config::parse(&text, &path)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let owner = RootOwner {
-        uid: rustix::process::getuid().as_raw(),
-        gid: rustix::process::getgid().as_raw(),
-    };
+    let owner = current_owner();
     let store = Store::create_in(
         data.root(),
         &store_options(&config),

@@ -386,7 +386,14 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let secs = t.elapsed().as_secs_f64();
     let ops: u64 = want.values().sum();
-    let wire: u64 = a.net.peers().iter().map(|p| p.bytes_sent).sum();
+    let c_dev = c.cert.device().to_string();
+    let wire: u64 = a
+        .net
+        .peers()
+        .iter()
+        .filter(|p| p.device == c_dev)
+        .map(|p| p.bytes_sent)
+        .sum();
     println!(
         "initial sync                  {secs:.2} s, {ops} ops, {:.1} MB sent by A ({} files, {:.0} files/s)",
         wire as f64 / 1e6,

@@ -133,12 +133,19 @@ pub struct FuseFs {
     /// operations) on blocking threads, so that chunking and hashing never occupy a FUSE
     /// session thread; small commits (`Fs::is_light`) run on the session thread.
     blocking: tokio::runtime::Handle,
+    /// Open files whose reads found content held elsewhere: their reads keep the next
+    /// `FETCH_AHEAD` bytes coming.
+    remote_reads: parking_lot::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl FuseFs {
     /// Wraps the core filesystem.
     pub fn new(fs: Arc<Fs>, blocking: tokio::runtime::Handle) -> FuseFs {
-        FuseFs { fs, blocking }
+        FuseFs {
+            fs,
+            blocking,
+            remote_reads: Default::default(),
+        }
     }
 
     /// Runs `op` on a blocking thread if it is `heavy`, else here: handing a small commit to
@@ -166,14 +173,8 @@ impl FuseFs {
             Ok(w) => w,
             Err(e) => return reply.error(errno("read", &e)),
         };
-        if let Ok((_, ahead)) = self
-            .fs
-            .absent_chunks(fh, offset + u64::from(size), FETCH_AHEAD)
-        {
-            for (id, len) in ahead {
-                remote.fetch(id, len, ino, Box::new(|_| {}));
-            }
-        }
+        self.remote_reads.lock().insert(fh);
+        self.fetch_ahead(fh, offset + u64::from(size));
         struct Waiting {
             left: usize,
             failed: Option<String>,
@@ -228,6 +229,33 @@ impl FuseFs {
         for (id, len) in wanted {
             let (state, finish) = (state.clone(), finish.clone());
             remote.fetch(id, len, ino, Box::new(move |res| finish(&state, res)));
+        }
+    }
+
+    /// Asks for the absent chunks of `[from, from + FETCH_AHEAD)`, so that a sequential
+    /// reader of content held elsewhere finds it here.
+    fn fetch_ahead(&self, fh: u64, from: u64) {
+        let Some(remote) = self.fs.remote() else {
+            return;
+        };
+        if let Ok((ino, ahead)) = self.fs.absent_chunks(fh, from, FETCH_AHEAD) {
+            for (id, len) in ahead {
+                remote.fetch(id, len, ino, Box::new(|_| {}));
+            }
+        }
+    }
+
+    /// After a read served here of a file that has content elsewhere: if the chunk half a
+    /// window ahead is absent, the next window is asked for now, before the reader gets
+    /// there (one lookup per read; files never read remotely skip it).
+    fn keep_ahead(&self, fh: u64, end: u64) {
+        if !self.remote_reads.lock().contains(&fh) {
+            return;
+        }
+        if let Ok((_, absent)) = self.fs.absent_chunks(fh, end + FETCH_AHEAD / 2, 1) {
+            if !absent.is_empty() {
+                self.fetch_ahead(fh, end);
+            }
         }
     }
 
@@ -495,7 +523,11 @@ impl Filesystem for FuseFs {
     ) {
         let _s = debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
         match self.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                let end = offset + data.len() as u64;
+                reply.data(&data);
+                self.keep_ahead(fh.0, end);
+            }
             Err(e) if e.is_absent() => self.read_remote(fh.0, offset, size, reply),
             Err(e) => reply.error(errno("read", &e)),
         }
@@ -549,6 +581,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("release", ino = ino.0, fh = fh.0).entered();
+        self.remote_reads.lock().remove(&fh.0);
         let heavy = !self.fs.is_light(ino.0, Some(fh.0));
         self.run_or_offload(heavy, move |fs| {
             reply_result!("release", reply, fs.release(fh.0), |()| reply.ok())

@@ -150,7 +150,7 @@ type Stashed = (
 );
 
 /// Chunks stored in one commit at most.
-const STASH_BATCH: usize = 64;
+const STASH_BATCH: usize = 256;
 
 /// Stores fetched chunks in batches: one commit for all that arrived meanwhile.
 async fn stash(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver<Stashed>) {

@@ -342,7 +342,9 @@ impl Store {
                 continue;
             };
             let Some(rec) = refs.get(&id) else {
-                if !staged.contains(&id) {
+                // A fetch that a crash cut between writing the data and recording it: the
+                // chunk still counts as absent and the next fetch overwrites it.
+                if !staged.contains(&id) && !referenced.contains(&id) {
                     r.problem(format!(
                         "chunk {} is stored but unreferenced (garbage)",
                         id.fmt_short()

@@ -541,18 +541,42 @@ impl Store {
         }
     }
 
-    /// Stores chunks fetched from other devices, in one commit: each as `(id, stored
-    /// encoding, plaintext)` where the plaintext was decoded from the encoding and checked
-    /// against the id (`decode_fetched`). Chunks this device no longer references, or
-    /// already holds, are skipped.
+    /// Stores chunks fetched from other devices: each as `(id, stored encoding, plaintext)`
+    /// where the plaintext was decoded from the encoding and checked against the id
+    /// (`decode_fetched`). Chunks this device no longer references, or already holds, are
+    /// skipped. The data is written once (no WAL, as staged writes are) and made durable
+    /// before one commit records it as held.
     pub fn put_fetched(&self, chunks: &[(ChunkId, Bytes, Bytes)]) -> Result<()> {
+        let reader = self.reader();
+        let mut wanted = Vec::new();
+        for c in chunks {
+            if reader.refs(&c.0)?.is_some_and(|r| r.stored == 0) {
+                wanted.push(c);
+            }
+        }
+        drop(reader);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let bytes: u64 = wanted.iter().map(|(_, e, _)| e.len() as u64).sum();
+        self.check_space(bytes)?;
+        self.inner.backend.write_chunks(
+            wanted
+                .iter()
+                .map(|(id, e, _)| (id.0.to_vec(), e.clone()))
+                .collect(),
+        )?;
+        self.inner.backend.wait_chunks_durable()?;
         self.commit(false, |tx| {
-            for (id, encoded, plain) in chunks {
-                tx.store_absent(id, plain.len(), encoded.to_vec())?;
+            for (id, encoded, plain) in &wanted {
+                tx.mark_fetched(id, plain.len(), encoded.len())?;
             }
             Ok(())
         })?;
-        for (id, _, plain) in chunks {
+        if let Some(space) = &self.inner.space {
+            space.consumed(bytes);
+        }
+        for (id, _, plain) in wanted {
             self.inner.cache.insert(*id, plain.clone());
         }
         Ok(())

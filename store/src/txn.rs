@@ -372,19 +372,16 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// Stores the data of a referenced but absent chunk. Returns false if the chunk is not
-    /// referenced or already stored.
-    pub(crate) fn store_absent(
-        &mut self,
-        id: &ChunkId,
-        len: usize,
-        encoded: Vec<u8>,
-    ) -> Result<bool> {
+    /// Records that the data of an absent chunk, written and made durable by
+    /// `Store::put_fetched`, is held now. If the chunk lost its last reference meanwhile,
+    /// the data goes again (this delete is ordered after that write).
+    pub(crate) fn mark_fetched(&mut self, id: &ChunkId, len: usize, stored: usize) -> Result<()> {
         let Some(mut r) = self.refs(id)? else {
-            return Ok(false);
+            self.delete(Cf::Chunks, &id.0);
+            return Ok(());
         };
         if r.stored > 0 {
-            return Ok(false);
+            return Ok(());
         }
         if r.len as usize != len {
             return Err(StoreError::Invalid(format!(
@@ -393,15 +390,13 @@ impl<'a> Txn<'a> {
                 r.len
             )));
         }
-        r.stored = encoded.len() as u32;
-        self.new_bytes += u64::from(r.stored);
+        r.stored = stored as u32;
         let s = &mut self.state.stats;
         s.chunks += 1;
         s.chunk_bytes += u64::from(r.len);
         s.stored_bytes += u64::from(r.stored);
-        self.put(Cf::Chunks, &id.0, encoded);
         self.put(Cf::Refs, &id.0, records::encode(&r));
-        Ok(true)
+        Ok(())
     }
 
     /// True if a staged, not yet committed, write of this chunk exists.
@@ -431,8 +426,9 @@ impl<'a> Txn<'a> {
         };
         r.count = r.count.saturating_sub(1);
         if r.count == 0 && r.stored == 0 {
-            // Never fetched: nothing stored, nothing counted.
+            // Never fetched: nothing counted (data a crash left mid-fetch goes too).
             self.delete(Cf::Refs, &id.0);
+            self.delete(Cf::Chunks, &id.0);
         } else if r.count == 0 {
             self.delete(Cf::Refs, &id.0);
             // A staged write of the same chunk is about to reference this data: keep it.

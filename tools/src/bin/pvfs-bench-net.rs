@@ -246,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let ino = b.store.lookup(ROOT_INO, b"big")?.context("big")?.ino;
     let extents = b.store.extents(ino, 0, bytes)?;
+    eprintln!("fetching");
     let t = Instant::now();
     let mut inflight = tokio::task::JoinSet::new();
     for (_, e) in &extents {

@@ -206,6 +206,10 @@ struct Inner {
     on_commit: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
+/// Fetched chunks below this many bytes in one batch are stored through the WAL (a reader
+/// is waiting for them); larger batches bypass it.
+const FETCH_VIA_WAL: u64 = 256 << 10;
+
 /// A device's store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
 pub struct Store {
@@ -560,16 +564,21 @@ impl Store {
         }
         let bytes: u64 = wanted.iter().map(|(_, e, _)| e.len() as u64).sum();
         self.check_space(bytes)?;
-        self.inner.backend.write_chunks(
-            wanted
+        // A few chunks (a reader waits for each) go through the WAL with the commit: a flush
+        // would cost milliseconds. Many go to disk once, and are flushed before the commit.
+        let small = bytes < FETCH_VIA_WAL;
+        if !small {
+            let data = wanted
                 .iter()
                 .map(|(id, e, _)| (id.0.to_vec(), e.clone()))
-                .collect(),
-        )?;
-        self.inner.backend.wait_chunks_durable()?;
+                .collect();
+            self.inner.backend.write_chunks(data)?;
+            self.inner.backend.wait_chunks_durable()?;
+        }
         self.commit(false, |tx| {
             for (id, encoded, plain) in &wanted {
-                tx.mark_fetched(id, plain.len(), encoded.len())?;
+                let data = small.then(|| encoded.to_vec());
+                tx.mark_fetched(id, plain.len(), encoded.len(), data)?;
             }
             Ok(())
         })?;

@@ -375,7 +375,14 @@ impl<'a> Txn<'a> {
     /// Records that the data of an absent chunk, written and made durable by
     /// `Store::put_fetched`, is held now. If the chunk lost its last reference meanwhile,
     /// the data goes again (this delete is ordered after that write).
-    pub(crate) fn mark_fetched(&mut self, id: &ChunkId, len: usize, stored: usize) -> Result<()> {
+    /// With `data`, the data is written here, in this commit.
+    pub(crate) fn mark_fetched(
+        &mut self,
+        id: &ChunkId,
+        len: usize,
+        stored: usize,
+        data: Option<Vec<u8>>,
+    ) -> Result<()> {
         let Some(mut r) = self.refs(id)? else {
             self.delete(Cf::Chunks, &id.0);
             return Ok(());
@@ -391,6 +398,10 @@ impl<'a> Txn<'a> {
             )));
         }
         r.stored = stored as u32;
+        if let Some(data) = data {
+            self.new_bytes += data.len() as u64;
+            self.put(Cf::Chunks, &id.0, data);
+        }
         let s = &mut self.state.stats;
         s.chunks += 1;
         s.chunk_bytes += u64::from(r.len);

@@ -79,6 +79,14 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
     }
 }
 
+/// How long ago a Unix time was, for people.
+fn ago(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{}s", now.saturating_sub(unix))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -171,14 +179,14 @@ pub fn print_human(req: &Request, v: &Value) {
             }
             for p in rows {
                 println!(
-                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  last seen {}",
+                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  last seen {} ago",
                     &p["device"].as_str().unwrap_or_default()
                         [..8.min(p["device"].as_str().unwrap_or_default().len())],
                     p["addr"].as_str().unwrap_or_default(),
                     p["rtt_ms"].as_f64().unwrap_or(0.0),
                     human_bytes(p["fetched_bytes"].as_u64().unwrap_or(0)),
                     p["throughput_mbs"].as_f64().unwrap_or(0.0),
-                    p["last_seen"].as_u64().unwrap_or(0),
+                    ago(p["last_seen"].as_u64().unwrap_or(0)),
                 );
             }
         }

@@ -324,9 +324,12 @@ impl Store {
         match format {
             None => return Err(StoreError::corrupt("the database has no format record")),
             Some(f) if f != FORMAT_VERSION.to_be_bytes() => {
+                let found = <[u8; 4]>::try_from(f.as_slice())
+                    .map_or_else(|_| format!("{f:?}"), |b| u32::from_be_bytes(b).to_string());
                 return Err(StoreError::corrupt(format!(
-                    "unsupported store format {f:?}"
-                )))
+                    "the store has format {found}, this pvfs reads format {FORMAT_VERSION} \
+                     (no conversion exists yet: move the data directory away and start afresh)"
+                )));
             }
             Some(_) => {}
         }

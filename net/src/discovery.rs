@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 
 use crate::error::{NetError, Result};
-use crate::sync::{parse_device, Net};
+use crate::sync::Net;
 
 /// The DNS-SD service type of pvfs.
 pub const SERVICE: &str = "_pvfs._udp.local.";
@@ -65,7 +65,10 @@ impl Discovery {
                 if info.get_property_val_str("ns") != Some(tag.as_str()) {
                     continue;
                 }
-                let Some(other) = info.get_property_val_str("device").and_then(parse_device) else {
+                let Some(other) = info
+                    .get_property_val_str("device")
+                    .and_then(|d| d.parse::<pvfs_store::DeviceId>().ok())
+                else {
                     continue;
                 };
                 if other == device {

@@ -228,20 +228,8 @@ fn load_address_book(path: Option<&std::path::Path>) -> HashMap<DeviceId, Vec<So
         };
     parsed
         .into_iter()
-        .filter_map(|(d, a)| Some((parse_device(&d)?, a.into_iter().take(8).collect())))
+        .filter_map(|(d, a)| Some((d.parse().ok()?, a.into_iter().take(8).collect())))
         .collect()
-}
-
-/// A device id from its hex form.
-pub fn parse_device(s: &str) -> Option<DeviceId> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(DeviceId(id))
 }
 
 /// BLAKE3 of a namespace id, as `Hello` and mDNS carry it.

@@ -135,7 +135,7 @@ impl<'a> Txn<'a> {
         from: Option<(NodeId, &[u8])>,
         to: Option<(NodeId, &[u8])>,
         seen: Option<OpId>,
-    ) -> Result<()> {
+    ) {
         let to = to.map(|(p, n)| (p, n.to_vec()));
         match &to {
             Some((parent, name)) => self.put_entry(
@@ -158,7 +158,6 @@ impl<'a> Txn<'a> {
             seen,
         };
         self.log_move(op, idx, &m);
-        Ok(())
     }
 
     fn node_id(&self, ino: Ino) -> Result<NodeId> {
@@ -245,7 +244,7 @@ impl<'a> Txn<'a> {
             None,
             Some((p.id, name)),
             None,
-        )?;
+        );
         Ok((ino, rec))
     }
 
@@ -292,7 +291,7 @@ impl<'a> Txn<'a> {
             name: name.to_vec(),
             time,
         });
-        self.moved_local(op, 0, entry, n.id, n.kind, None, Some((p.id, name)), None)?;
+        self.moved_local(op, 0, entry, n.id, n.kind, None, Some((p.id, name)), None);
         Ok(n)
     }
 
@@ -390,7 +389,7 @@ impl<'a> Txn<'a> {
             time,
         });
         let from = Some((p.id, name));
-        self.moved_local(op, 0, d.entry, n.id, n.kind, from, None, n.version)?;
+        self.moved_local(op, 0, d.entry, n.id, n.kind, from, None, n.version);
         Ok(d.ino)
     }
 
@@ -424,7 +423,7 @@ impl<'a> Txn<'a> {
             time,
         });
         let from = Some((p.id, name));
-        self.moved_local(op, 0, d.entry, node, FileKind::Dir, from, None, None)?;
+        self.moved_local(op, 0, d.entry, node, FileKind::Dir, from, None, None);
         Ok(d.ino)
     }
 
@@ -516,10 +515,10 @@ impl<'a> Txn<'a> {
             let (s_loc, d_loc) = (Some((sp_rec.id, sn)), Some((dp_rec.id, dn)));
             let (sk, dk) = (src.kind, dst.kind);
             let dn_id = dst_node.id;
-            self.moved_local(op, 0, src.entry, src_id, sk, s_loc, None, None)?;
-            self.moved_local(op, 1, dst.entry, dn_id, dk, d_loc, None, None)?;
-            self.moved_local(op, 2, src.entry, src_id, sk, None, d_loc, None)?;
-            self.moved_local(op, 3, dst.entry, dn_id, dk, None, s_loc, None)?;
+            self.moved_local(op, 0, src.entry, src_id, sk, s_loc, None, None);
+            self.moved_local(op, 1, dst.entry, dn_id, dk, d_loc, None, None);
+            self.moved_local(op, 2, src.entry, src_id, sk, None, d_loc, None);
+            self.moved_local(op, 3, dst.entry, dn_id, dk, None, s_loc, None);
             return Ok(());
         }
         // Like Linux: moving a directory below itself is EINVAL before anything else.
@@ -588,10 +587,10 @@ impl<'a> Txn<'a> {
         });
         let d_loc = Some((dp_rec.id, dn));
         if let Some((on, oe, ov, ok)) = other {
-            self.moved_local(op, 0, oe, on, ok, d_loc, None, ov)?;
+            self.moved_local(op, 0, oe, on, ok, d_loc, None, ov);
         }
         let s_loc = Some((sp_rec.id, sn));
-        self.moved_local(op, 1, src.entry, src_id, src.kind, s_loc, d_loc, None)?;
+        self.moved_local(op, 1, src.entry, src_id, src.kind, s_loc, d_loc, None);
         Ok(())
     }
 

@@ -138,12 +138,14 @@ pub fn conflict_name(name: &[u8], device: DeviceId, hlc: Hlc, n: u32) -> Vec<u8>
     }
     tag.push(')');
     let room = NAME_MAX - tag.len() - ext.len();
-    let mut stem = &stem[..stem.len().min(room)];
-    // Do not cut a UTF-8 sequence in half.
-    while !stem.is_empty() && std::str::from_utf8(stem).is_err() && stem.len() + 3 > room {
-        stem = &stem[..stem.len() - 1];
+    let mut cut = stem.len().min(room);
+    // A UTF-8 name is cut between characters, not inside one.
+    if let Ok(text) = std::str::from_utf8(stem) {
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
     }
-    let mut out = stem.to_vec();
+    let mut out = stem[..cut].to_vec();
     out.extend_from_slice(tag.as_bytes());
     out.extend_from_slice(ext);
     out
@@ -283,7 +285,7 @@ impl Store {
     /// The extents and size of `node` at content version `version`, rebuilt from the op log
     /// (for conflict resolution, history, and tests).
     pub fn version_content(&self, node: NodeId, version: OpId) -> Result<Version> {
-        let (map, size) = self.reader_txn().materialize(node, Some(version))?;
+        let (map, size) = self.reader().materialize(node, Some(version))?;
         Ok((map.into_iter().map(|(o, (c, l))| (o, c, l)).collect(), size))
     }
 
@@ -1192,5 +1194,27 @@ impl Txn<'_> {
             _ => n.mtime,
         };
         self.install(ino, map, size, &op, mtime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_fit_and_keep_utf8_whole() {
+        let dev = DeviceId([0x12; 16]);
+        let hlc = Hlc(1_795_400_000_000 << 16);
+        let n = conflict_name(b"report.txt", dev, hlc, 0);
+        assert_eq!(n, b"report (conflict 12121212 2026-11-23).txt");
+        let long = "\u{e9}".repeat(200);
+        for i in 0..3 {
+            let n = conflict_name(long.as_bytes(), dev, hlc, i);
+            assert!(n.len() <= NAME_MAX);
+            assert!(std::str::from_utf8(&n).is_ok());
+            validate_name(&n).unwrap();
+        }
+        let raw = vec![0xffu8; 255];
+        assert!(conflict_name(&raw, dev, hlc, 5).len() <= NAME_MAX);
     }
 }

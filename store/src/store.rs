@@ -441,12 +441,7 @@ impl Store {
     }
 
     /// A read-only transaction view of the current state.
-    pub(crate) fn reader_txn(&self) -> Txn<'_> {
-        self.reader()
-    }
-
-    /// A read-only transaction view of the current state.
-    fn reader(&self) -> Txn<'_> {
+    pub(crate) fn reader(&self) -> Txn<'_> {
         let state = WriterState {
             device: self.inner.device,
             next_ino: 0,

@@ -105,6 +105,26 @@ impl fmt::Display for DeviceId {
     }
 }
 
+impl std::str::FromStr for DeviceId {
+    type Err = String;
+
+    /// The 32 hex digits `Display` writes.
+    fn from_str(s: &str) -> std::result::Result<DeviceId, String> {
+        let bad = || format!("{s:?} is not a device id (32 hex digits)");
+        if s.len() != 32 {
+            return Err(bad());
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = s
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(bad)?;
+        }
+        Ok(DeviceId(id))
+    }
+}
+
 /// A local inode number: stable for the life of a node on this device, never reused.
 pub type Ino = u64;
 
@@ -303,6 +323,15 @@ mod tests {
         let c = b.tick(50);
         assert!(a < b && b < c);
         assert_eq!(a.millis(), 100);
+    }
+
+    #[test]
+    fn device_ids_parse_what_they_print() {
+        let d = DeviceId([0xab; 16]);
+        assert_eq!(d.to_string().parse::<DeviceId>(), Ok(d));
+        for bad in ["", "ab", &"zz".repeat(16), &"é".repeat(16)] {
+            assert!(bad.parse::<DeviceId>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
                 .map(|n| n.net.peers())
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|p| pvfs_net::sync::parse_device(&p.device))
+                .filter_map(|p| p.device.parse().ok())
                 .collect();
             crate::network::devices(&node.store, &connected)
         }

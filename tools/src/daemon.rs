@@ -84,12 +84,26 @@ fn load_or_create_identity(data: &DataDir) -> anyhow::Result<Identity> {
     Ok(id)
 }
 
-/// The caller's uid and gid: the owner of a new namespace's root on this device.
-fn current_owner() -> RootOwner {
-    RootOwner {
+/// A new store in `data` for this device, in `namespace` (`None`: a new namespace); the
+/// caller's uid and gid own its root on this device.
+fn create_store(
+    data: &DataDir,
+    config: &Config,
+    identity: &Identity,
+    namespace: Option<[u8; 16]>,
+) -> anyhow::Result<Store> {
+    let owner = RootOwner {
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
-    }
+    };
+    Store::create_in(
+        data.root(),
+        &store_options(config),
+        identity.device_id(),
+        owner,
+        namespace,
+    )
+    .with_context(|| format!("creating the store in {}", data.root().display()))
 }
 
 /// `pvfs init`: a new device identity and a new namespace in `data`.
@@ -111,14 +125,7 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     }
     let config = Config::load(data)?;
     let identity = load_or_create_identity(data)?;
-    let owner = current_owner();
-    let store = Store::create(
-        data.root(),
-        &store_options(&config),
-        identity.device_id(),
-        owner,
-    )
-    .with_context(|| format!("creating the store in {}", data.root().display()))?;
+    let store = create_store(data, &config, &identity, None)?;
     let name = device_name(&config);
     store.commit(true, |tx| tx.set_member(store.device(), &name, true))?;
     tracing::info!(device = %store.device(), %name, "created a new device and namespace");
@@ -165,15 +172,7 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     let text = toml::to_string(&table)?;
     Config::parse(&text, &path)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let owner = current_owner();
-    let store = Store::create_in(
-        data.root(),
-        &store_options(&config),
-        identity.device_id(),
-        owner,
-        Some(namespace),
-    )
-    .with_context(|| format!("creating the store in {}", data.root().display()))?;
+    let store = create_store(data, &config, &identity, Some(namespace))?;
     store.commit(true, |tx| {
         tx.set_member(store.device(), &name, true)?;
         tx.set_member(invite.inviter, &inviter_name, true)

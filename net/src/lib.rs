@@ -5,8 +5,10 @@
 //! Must not: be imported by `pvfs-fs` (the filesystem asks for absent chunks through a trait
 //! that `tools` wires to this crate), or trust any byte from a peer before validating it.
 
+mod chunks;
 pub mod discovery;
 pub mod error;
+pub mod holdings;
 pub mod join;
 pub mod sync;
 pub mod tls;

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use pvfs_store::{Applied, ChunkId, ChunkSource, DeviceId, Ino, Store, StoreError, VersionVector};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
+use crate::chunks::{self, Requester, Served};
 use crate::error::{NetError, Result};
+use crate::holdings::Holdings;
 use crate::tls::{DeviceCert, Members};
 use crate::transport::{Endpoint, Peer};
 use crate::wire::{self, Hello, Message, PROTOCOL_VERSION};
@@ -89,6 +91,12 @@ pub struct PeerInfo {
     pub bytes_received: u64,
     /// Unix time the device was last heard from.
     pub last_seen: u64,
+    /// Chunks it announced it holds (`None` before its announcement arrived).
+    pub holds_chunks: Option<u64>,
+    /// Chunk bytes served to it.
+    pub served_bytes: u64,
+    /// Chunks it asked for that this device does not hold.
+    pub not_held: u64,
 }
 
 struct Session {
@@ -100,6 +108,12 @@ struct Session {
     /// measured throughput is bytes over busy time.
     busy: Mutex<(usize, Option<Instant>, Duration)>,
     last_seen: AtomicU64,
+    /// Chunk requests to this device, pipelined on one stream.
+    requester: Requester,
+    /// What it serves this device.
+    served: Arc<Served>,
+    /// What it announced it holds (`None` until its filter arrives).
+    holdings: Mutex<Option<Holdings>>,
 }
 
 impl Session {
@@ -142,40 +156,90 @@ impl Session {
 type Waiter = Box<dyn FnOnce(pvfs_store::Result<()>) + Send>;
 
 /// A fetched chunk on its way into the store: id, stored encoding, plaintext, and who waits.
-type Stashed = (
-    ChunkId,
-    Bytes,
-    Bytes,
-    tokio::sync::oneshot::Sender<pvfs_store::Result<()>>,
-);
+type Stashed = (ChunkId, Bytes, Bytes, tokio::sync::oneshot::Sender<()>);
 
-/// Chunks stored in one commit at most.
+/// Batches of fetched chunk ids queued for announcement; a session that falls further behind
+/// sends a fresh holdings filter instead.
+const HELD_QUEUE: usize = 64;
+
+/// Chunks a fresh holdings filter has room for beyond twice what is held.
+const SPARE_ROOM: u64 = 16 << 10;
+
+/// Chunks landed at once at most.
 const STASH_BATCH: usize = 256;
 
-/// Stores fetched chunks in batches: one commit for all that arrived meanwhile.
-async fn stash(store: Store, mut rx: tokio::sync::mpsc::UnboundedReceiver<Stashed>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < STASH_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
+/// Fetched bytes readable but not yet on disk before fetching waits for the disk.
+const LANDED_MAX: u64 = 256 << 20;
+
+/// Takes fetched chunks into the store: each is readable once landed (`Store::land_fetched`),
+/// and whoever waits is told then; the disk takes everything landed meanwhile in one batch
+/// (`Store::persist_landed`), one batch at a time.
+async fn stash(
+    store: Store,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Stashed>,
+    held: broadcast::Sender<Arc<Vec<ChunkId>>>,
+) {
+    let persist = |store: &Store| {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.persist_landed())
+    };
+    let mut persisting: Option<tokio::task::JoinHandle<pvfs_store::Result<usize>>> = None;
+    let mut dirty = false;
+    loop {
+        let next = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Some(m),
+                None => break,
+            },
+            r = async { persisting.as_mut().expect("guarded").await }, if persisting.is_some() => {
+                persisting = None;
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("keeping fetched chunks on disk: {e}"),
+                    Err(e) => tracing::warn!("keeping fetched chunks on disk: {e}"),
+                }
+                None
+            }
+        };
+        if let Some(first) = next {
+            let mut batch = vec![first];
+            while batch.len() < STASH_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let mut ids = Vec::with_capacity(batch.len());
+            let mut chunks = Vec::with_capacity(batch.len());
+            let mut waiters = Vec::with_capacity(batch.len());
+            for (id, encoded, plain, done) in batch {
+                ids.push(id);
+                chunks.push((id, encoded, plain));
+                waiters.push(done);
+            }
+            let landed = store.land_fetched(chunks);
+            dirty = true;
+            for w in waiters {
+                let _ = w.send(());
+            }
+            // Peers learn that this device holds these now (no one listening is fine).
+            let _ = held.send(Arc::new(ids));
+            if landed > LANDED_MAX {
+                if let Some(p) = persisting.take() {
+                    let _ = p.await;
+                }
             }
         }
-        let chunks: Vec<(ChunkId, Bytes, Bytes)> = batch
-            .iter()
-            .map(|(id, enc, plain, _)| (*id, enc.clone(), plain.clone()))
-            .collect();
-        let store = store.clone();
-        let res = tokio::task::spawn_blocking(move || store.put_fetched(&chunks))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Invalid(format!("storing fetched chunks: {e}"))));
-        for (_, _, _, done) in batch {
-            let _ = done.send(match &res {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Invalid(e.to_string())),
-            });
+        if persisting.is_none() && dirty {
+            dirty = false;
+            persisting = Some(persist(&store));
         }
+    }
+    if let Some(p) = persisting.take() {
+        let _ = p.await;
+    }
+    if let Ok(Err(e)) = persist(&store).await {
+        tracing::warn!("keeping fetched chunks on disk: {e}");
     }
 }
 
@@ -191,6 +255,8 @@ struct Shared {
     opts: NetOptions,
     runtime: tokio::runtime::Handle,
     stash: tokio::sync::mpsc::UnboundedSender<Stashed>,
+    /// Chunks fetched and stored here, for the peers' holdings filters.
+    held: broadcast::Sender<Arc<Vec<ChunkId>>>,
     /// Devices heard of (mDNS) and where: redialled while not connected.
     known: Mutex<HashMap<DeviceId, Vec<SocketAddr>>>,
     dialing: Mutex<std::collections::HashSet<DeviceId>>,
@@ -250,7 +316,8 @@ impl Net {
         let endpoint = Endpoint::bind(opts.listen, cert, members)?;
         let (changed, _) = watch::channel(0u64);
         let (stash_tx, stash_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(stash(store.clone(), stash_rx));
+        let (held, _) = broadcast::channel(HELD_QUEUE);
+        tokio::spawn(stash(store.clone(), stash_rx, held.clone()));
         let shared = Arc::new(Shared {
             device: store.device(),
             namespace_hash: namespace_hash(&store.namespace()),
@@ -263,6 +330,7 @@ impl Net {
             opts,
             runtime: tokio::runtime::Handle::current(),
             stash: stash_tx,
+            held,
             known: Mutex::new(load_address_book(opts_book.as_deref())),
             dialing: Mutex::new(Default::default()),
         });
@@ -427,6 +495,14 @@ impl Net {
                     bytes_sent: stats.udp_tx.bytes,
                     bytes_received: stats.udp_rx.bytes,
                     last_seen: s.last_seen.load(Ordering::Relaxed),
+                    holds_chunks: s
+                        .holdings
+                        .lock()
+                        .expect("holdings lock")
+                        .as_ref()
+                        .map(Holdings::count),
+                    served_bytes: s.served.bytes.load(Ordering::Relaxed),
+                    not_held: s.served.missing.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -578,6 +654,9 @@ impl Shared {
             fetched: AtomicU64::new(0),
             busy: Mutex::new((0, None, Duration::ZERO)),
             last_seen: AtomicU64::new(0),
+            requester: Requester::new(peer.conn.clone()),
+            served: Arc::default(),
+            holdings: Mutex::new(None),
         });
         session.touch();
         self.sessions
@@ -630,7 +709,9 @@ impl Shared {
                 let first = wire::read_message(&mut recv).await;
                 let res = match first {
                     Ok(Some(Message::Hello(h))) => me.sync(p.clone(), s, send, recv, Some(h)).await,
-                    Ok(Some(Message::Want(ids))) => me.serve_chunks(send, recv, ids).await,
+                    Ok(Some(Message::Want(ids))) => {
+                        chunks::serve(me.store.clone(), s.served.clone(), send, recv, ids).await
+                    }
                     Ok(Some(Message::Has(ids))) => me.serve_has(send, ids).await,
                     Ok(Some(other)) => Err(NetError::Malformed(format!(
                         "a stream cannot start with {other:?}"
@@ -691,26 +772,73 @@ impl Shared {
         res
     }
 
-    /// Sends the peer every op it lacks, now and whenever new ones are committed here.
+    /// Sends the peer every op it lacks, now and whenever new ones are committed here. Once
+    /// the peer has them all, it also learns what this device holds (`Holds`), and from then
+    /// on what it comes to hold (`Held`: chunks fetched, chunks of this device's own edits).
     async fn push(self: Arc<Self>, mut send: quinn::SendStream, mut peer_have: VersionVector) {
         let mut changed = self.changed.subscribe();
+        // Subscribed before the filter is built: nothing stored meanwhile goes unannounced.
+        let mut fetched = self.held.subscribe();
+        // Room left in the peer's copy of the filter; `None` until one is sent, and when a
+        // fresh one is due.
+        let mut room: Option<u64> = None;
         loop {
             changed.borrow_and_update();
             let store = self.store.clone();
             let have = peer_have.clone();
-            let ops = match tokio::task::spawn_blocking(move || store.ops_after(&have, BATCH_OPS))
-                .await
-            {
-                Ok(Ok(ops)) => ops,
+            let (me, announcing) = (self.device, room.is_some());
+            let read = tokio::task::spawn_blocking(move || {
+                let ops = store.ops_after(&have, BATCH_OPS)?;
+                let held = if announcing {
+                    own_held(&store, me, &ops)?
+                } else {
+                    Vec::new()
+                };
+                Ok::<_, StoreError>((ops, held))
+            })
+            .await;
+            let (ops, held) = match read {
+                Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::error!("reading the op log: {e}");
                     return;
                 }
                 Err(_) => return,
             };
+            if let Err(e) = announce(&mut send, &mut room, &held).await {
+                tracing::debug!("announcing chunks: {e}");
+                return;
+            }
             if ops.is_empty() {
-                if changed.changed().await.is_err() {
-                    return;
+                // In sync: announce, and wait for new ops.
+                loop {
+                    if room.is_none() {
+                        match self.send_holdings(&mut send).await {
+                            Ok(r) => room = Some(r),
+                            Err(e) => {
+                                tracing::debug!("announcing holdings: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        r = changed.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                        r = fetched.recv() => match r {
+                            Ok(ids) => {
+                                if let Err(e) = announce(&mut send, &mut room, &ids).await {
+                                    tracing::debug!("announcing chunks: {e}");
+                                    return;
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => room = None,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                    }
                 }
                 continue;
             }
@@ -735,6 +863,27 @@ impl Shared {
         }
     }
 
+    /// Sends a filter of every chunk held here; returns the room it has for additions.
+    async fn send_holdings(&self, send: &mut quinn::SendStream) -> Result<u64> {
+        let store = self.store.clone();
+        let ids = tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::new();
+            store.held_chunks(|id| ids.push(*id)).map(|_| ids)
+        })
+        .await
+        .map_err(blocking_err)??;
+        // Room for as many again, and for a GiB or so more: a fetching device does not
+        // send a fresh filter every few chunks.
+        let mut h = Holdings::with_capacity(ids.len() as u64 * 2 + SPARE_ROOM);
+        for id in &ids {
+            h.insert(id);
+        }
+        let room = h.capacity().saturating_sub(h.count());
+        tracing::debug!(chunks = h.count(), bytes = h.bytes(), "announcing holdings");
+        wire::write_message(send, &Message::Holds(h)).await?;
+        Ok(room)
+    }
+
     /// Applies the ops the peer sends.
     async fn receive(
         &self,
@@ -748,10 +897,26 @@ impl Shared {
                 None => return Ok(()),
             };
             session.touch();
-            let Message::Ops(ops) = msg else {
-                return Err(NetError::Malformed(format!(
-                    "unexpected message on the sync stream: {msg:?}"
-                )));
+            let ops = match msg {
+                Message::Ops(ops) => ops,
+                Message::Holds(h) => {
+                    tracing::debug!(device = %peer.device.fmt_short(), chunks = h.count(), "holdings");
+                    *session.holdings.lock().expect("holdings lock") = Some(h);
+                    continue;
+                }
+                Message::Held(ids) => {
+                    if let Some(h) = session.holdings.lock().expect("holdings lock").as_mut() {
+                        for id in &ids {
+                            h.insert(id);
+                        }
+                    }
+                    continue;
+                }
+                other => {
+                    return Err(NetError::Malformed(format!(
+                        "unexpected message on the sync stream: {other:?}"
+                    )))
+                }
             };
             let store = self.store.clone();
             let is_open = self.hooks.is_open.clone();
@@ -816,44 +981,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Answers `Want` requests on one stream: each chunk held here, or `Missing`.
-    async fn serve_chunks(
-        &self,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-        mut ids: Vec<ChunkId>,
-    ) -> Result<()> {
-        loop {
-            for id in ids {
-                let store = self.store.clone();
-                let data = tokio::task::spawn_blocking(move || store.stored_chunk(&id))
-                    .await
-                    .map_err(blocking_err)?;
-                let msg = match data {
-                    Ok(Some((data, _))) => Message::Chunk { id, data },
-                    Ok(None) => Message::Missing(vec![id]),
-                    Err(e) => {
-                        tracing::warn!(chunk = %id.fmt_short(), "serving a chunk: {e}");
-                        Message::Missing(vec![id])
-                    }
-                };
-                wire::write_message(&mut send, &msg).await?;
-            }
-            match wire::read_message(&mut recv).await? {
-                Some(Message::Want(more)) => ids = more,
-                None => {
-                    let _ = send.finish();
-                    return Ok(());
-                }
-                Some(other) => {
-                    return Err(NetError::Malformed(format!(
-                        "unexpected message on a chunk stream: {other:?}"
-                    )))
-                }
-            }
-        }
-    }
-
     /// Fetches one chunk: each connected device in turn (fastest first) until one delivers
     /// bytes that match the id; waits for a connection while there is none.
     async fn fetch(&self, id: ChunkId, len: u32) -> Result<()> {
@@ -863,13 +990,22 @@ impl Shared {
         loop {
             let next = {
                 let sessions = self.sessions.lock().expect("sessions lock");
-                // The least loaded device first, then the nearest: a large file's chunks
-                // spread over every device that holds them.
+                // Devices that announced they may hold it first, then the least loaded,
+                // then the nearest: a large file's chunks spread over every device that
+                // holds them. A "no" may be stale, so those devices are asked last.
                 sessions
                     .iter()
                     .filter(|(k, _)| !tried.contains(k))
                     .map(|(k, s)| (*k, s.clone()))
-                    .min_by_key(|(_, s)| (s.busy.lock().expect("busy lock").0, s.conn.rtt()))
+                    .min_by_key(|(_, s)| {
+                        let lacks = s
+                            .holdings
+                            .lock()
+                            .expect("holdings lock")
+                            .as_ref()
+                            .is_some_and(|h| !h.may_hold(&id));
+                        (lacks, s.requester.load(), s.conn.rtt())
+                    })
             };
             let Some((key, session)) = next else {
                 if tokio::time::Instant::now() >= deadline {
@@ -889,7 +1025,7 @@ impl Shared {
             };
             tried.push(key);
             session.busy(true);
-            let res = tokio::time::timeout_at(deadline, ask(&session.conn, id, len)).await;
+            let res = tokio::time::timeout_at(deadline, session.requester.get(id)).await;
             session.busy(false);
             match res {
                 Err(_) => {
@@ -903,7 +1039,18 @@ impl Shared {
                     tracing::debug!(device = %session.device.fmt_short(), chunk = %id.fmt_short(), "fetch: {e}");
                     last = e.to_string();
                 }
-                Ok(Ok((encoded, plain))) => {
+                Ok(Ok(encoded)) => {
+                    let Ok(plain) = pvfs_store::decode_fetched(&id, &encoded, len) else {
+                        // A device that serves wrong bytes is buggy or hostile: drop it.
+                        tracing::warn!(
+                            device = %session.device.fmt_short(),
+                            chunk = %id.fmt_short(),
+                            "the peer sent wrong bytes for a chunk: closing its connection"
+                        );
+                        session.conn.close(5u32.into(), b"wrong bytes for a chunk");
+                        last = "a device sent wrong bytes".into();
+                        continue;
+                    };
                     session
                         .fetched
                         .fetch_add(plain.len() as u64, Ordering::Relaxed);
@@ -914,12 +1061,59 @@ impl Shared {
                         .map_err(|_| NetError::Connect("shutting down".into()))?;
                     return rx
                         .await
-                        .map_err(|_| NetError::Connect("shutting down".into()))?
-                        .map_err(NetError::Store);
+                        .map_err(|_| NetError::Connect("shutting down".into()));
                 }
             }
         }
     }
+}
+
+/// Tells the peer this device holds `ids` too, while its filter has room; once it has none,
+/// `room` becomes `None` and a fresh filter is sent instead.
+async fn announce(
+    send: &mut quinn::SendStream,
+    room: &mut Option<u64>,
+    ids: &[ChunkId],
+) -> Result<()> {
+    let Some(left) = room else { return Ok(()) };
+    if ids.is_empty() {
+        return Ok(());
+    }
+    if *left < ids.len() as u64 {
+        *room = None;
+        return Ok(());
+    }
+    *left -= ids.len() as u64;
+    for part in ids.chunks(wire::MAX_IDS) {
+        wire::write_message(send, &Message::Held(part.to_vec())).await?;
+    }
+    Ok(())
+}
+
+/// The chunks of this device's own edits among `ops` that it holds (an edit can share chunks
+/// this device never had, as a copy of a file whose content lives elsewhere does).
+fn own_held(
+    store: &Store,
+    me: DeviceId,
+    ops: &[pvfs_store::OpRecord],
+) -> pvfs_store::Result<Vec<ChunkId>> {
+    let mut ids: Vec<ChunkId> = ops
+        .iter()
+        .filter(|op| op.id.device == me)
+        .flat_map(|op| match &op.kind {
+            pvfs_store::OpKind::Content { extents, .. } => extents.iter().map(|e| e.1).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut held = Vec::with_capacity(ids.len());
+    for id in ids {
+        if store.has_chunk(&id)? {
+            held.push(id);
+        }
+    }
+    Ok(held)
 }
 
 /// Sends one request on a new stream and reads the one answer.
@@ -939,29 +1133,6 @@ async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
         Some(Message::Holding(bits)) if bits.len() == ids.len().div_ceil(8) => Ok(bits),
         other => Err(NetError::Malformed(format!(
             "unexpected answer to Has: {other:?}"
-        ))),
-    }
-}
-
-/// Asks one device for one chunk; checks what comes back against the id. Returns the
-/// stored encoding and the plaintext.
-async fn ask(conn: &quinn::Connection, id: ChunkId, len: u32) -> Result<(Bytes, Bytes)> {
-    match request(conn, &Message::Want(vec![id])).await? {
-        Some(Message::Chunk { id: got, data }) => {
-            let plain = (got == id)
-                .then(|| pvfs_store::decode_fetched(&id, &data, len).ok())
-                .flatten()
-                .ok_or_else(|| {
-                    NetError::Malformed(format!(
-                        "the peer sent wrong bytes for chunk {}",
-                        id.fmt_short()
-                    ))
-                })?;
-            Ok((data, plain))
-        }
-        Some(Message::Missing(_)) => Err(NetError::Connect("the peer does not hold it".into())),
-        other => Err(NetError::Malformed(format!(
-            "unexpected answer to Want: {other:?}"
         ))),
     }
 }

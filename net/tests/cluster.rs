@@ -218,6 +218,84 @@ async fn changes_on_any_device_show_on_all() {
     }
 }
 
+/// Fetches every absent chunk of a file at once, as a deep read-ahead does.
+async fn fetch_all(d: &Device, ino: Ino) {
+    let size = d.store.node(ino).unwrap().unwrap().size;
+    let mut set = tokio::task::JoinSet::new();
+    for (_, e) in d.store.extents(ino, 0, size).unwrap() {
+        let net = d.net.clone();
+        set.spawn(async move { net.fetch(e.chunk, e.len).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+}
+
+/// `from`'s row for `to` in `pvfs-admin peers`.
+fn row(from: &Device, to: &Device) -> Option<pvfs_net::sync::PeerInfo> {
+    let to = to.net.device().to_string();
+    from.net.peers().into_iter().find(|p| p.device == to)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_announce_what_they_hold_and_holders_share_a_large_file() {
+    let devs = cluster(3);
+    let (a, b, c) = (&devs[0], &devs[1], &devs[2]);
+    connect(a, b);
+    connect(b, c);
+    connect(c, a);
+    // 40 chunks written on a, then read by b: both hold them.
+    let big = data(4_000_000, 1);
+    write_file(&a.store, ROOT_INO, "big", &big);
+    eventually("b sees big", || lookup(&b.store, ROOT_INO, "big").is_some()).await;
+    fetch_all(b, lookup(&b.store, ROOT_INO, "big").unwrap()).await;
+    // 20 more written on b only.
+    let mine = data(2_000_000, 2);
+    write_file(&b.store, ROOT_INO, "mine", &mine);
+    eventually("c sees both files", || {
+        lookup(&c.store, ROOT_INO, "mine").is_some() && lookup(&c.store, ROOT_INO, "big").is_some()
+    })
+    .await;
+    let held = |d: &Device| d.store.held_chunks(|_| {}).unwrap();
+    assert_eq!((held(a), held(b), held(c)), (40, 60, 0));
+    // c learns what each holds: a's filter, and b's filter plus what b fetched and wrote
+    // since.
+    eventually("c has a's and b's announcements, and a has c's", || {
+        row(c, a).and_then(|p| p.holds_chunks) >= Some(40)
+            && row(c, b).and_then(|p| p.holds_chunks) >= Some(60)
+            && row(a, c).and_then(|p| p.holds_chunks) == Some(0)
+    })
+    .await;
+
+    // Content only b holds is asked of b alone, although a is connected and idle.
+    let ino = lookup(&c.store, ROOT_INO, "mine").unwrap();
+    fetch_all(c, ino).await;
+    assert_eq!(read_file(c, ino).await, mine);
+    assert_eq!(
+        row(a, c).unwrap().not_held,
+        0,
+        "a was asked for chunks it lacks"
+    );
+    assert_eq!(row(a, c).unwrap().served_bytes, 0);
+    // Content both hold comes from both at once.
+    let ino = lookup(&c.store, ROOT_INO, "big").unwrap();
+    fetch_all(c, ino).await;
+    assert_eq!(read_file(c, ino).await, big);
+    let (from_a, from_b) = (row(a, c).unwrap(), row(b, c).unwrap());
+    assert!(
+        from_a.served_bytes > 0 && from_b.served_bytes > 0,
+        "one holder served it all: a {} bytes, b {} bytes",
+        from_a.served_bytes,
+        from_b.served_bytes
+    );
+    assert_eq!(from_a.not_held + from_b.not_held, 0);
+    // And c announces what it fetched.
+    eventually("a hears that c holds 60 chunks", || {
+        row(a, c).and_then(|p| p.holds_chunks) >= Some(60)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     let devs = cluster(2);

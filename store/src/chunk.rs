@@ -98,7 +98,11 @@ pub(crate) fn decode_owned(stored: Vec<u8>, len: usize) -> Result<Bytes> {
 
 /// Decodes and checks a stored chunk against its id.
 pub(crate) fn decode_verified(id: &ChunkId, stored: Vec<u8>, len: usize) -> Result<Bytes> {
-    let plain = decode_owned(stored, len)?;
+    verified(id, decode_owned(stored, len)?)
+}
+
+/// `plain` if it hashes to `id`.
+pub(crate) fn verified(id: &ChunkId, plain: Bytes) -> Result<Bytes> {
     if ChunkId::of(&plain) != *id {
         return Err(StoreError::corrupt(format!(
             "chunk {} fails its hash check",

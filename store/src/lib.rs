@@ -45,7 +45,11 @@ pub use types::{
 
 /// The plaintext of a chunk received in its stored encoding (raw, or a zstd frame when
 /// shorter than `len`), checked against its id: a peer's bytes are never trusted.
-pub fn decode_fetched(id: &ChunkId, encoded: &[u8], len: u32) -> Result<bytes::Bytes> {
+pub fn decode_fetched(id: &ChunkId, encoded: &bytes::Bytes, len: u32) -> Result<bytes::Bytes> {
+    if encoded.len() == len as usize {
+        // Stored raw: the plaintext is the same bytes, shared rather than copied.
+        return chunk::verified(id, encoded.clone());
+    }
     chunk::decode_verified(id, encoded.to_vec(), len as usize)
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use std::collections::HashMap;
 
 use crate::chunk;
 use crate::error::{Result, StoreError};
@@ -204,10 +205,23 @@ struct Inner {
     space: Option<SpaceGuard>,
     /// Called after every commit that recorded ops (the network pushes them to peers).
     on_commit: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Chunks fetched from other devices, readable already, not yet on disk.
+    landed: Mutex<Landed>,
 }
 
-/// Fetched chunks below this many bytes in one batch are stored through the WAL (a reader
-/// is waiting for them); larger batches bypass it.
+/// Fetched chunks between `land_fetched` and `persist_landed`: readers and peers are served
+/// from here, and the disk sees them in large batches, not one flush per network batch. A
+/// crash loses them, which costs only fetching them again: nothing records them as held.
+#[derive(Default)]
+struct Landed {
+    /// Stored encoding and plaintext of each.
+    chunks: HashMap<ChunkId, (Bytes, Bytes)>,
+    /// Their encoded bytes.
+    bytes: u64,
+}
+
+/// Fetched chunks below this many bytes in one batch are stored through the WAL (cheaper
+/// than a flush); larger batches bypass it.
 const FETCH_VIA_WAL: u64 = 256 << 10;
 
 /// A device's store. Cheap to clone; all clones share one database.
@@ -392,6 +406,7 @@ impl Store {
                 ),
                 space,
                 on_commit: Mutex::new(None),
+                landed: Mutex::new(Landed::default()),
             }),
         })
     }
@@ -515,6 +530,9 @@ impl Store {
         if let Some(b) = self.inner.cache.get(id) {
             return Ok(b);
         }
+        if let Some((_, plain)) = self.inner.landed.lock().chunks.get(id) {
+            return Ok(plain.clone());
+        }
         let stored = self
             .inner
             .backend
@@ -543,12 +561,49 @@ impl Store {
         }
     }
 
-    /// Stores chunks fetched from other devices: each as `(id, stored encoding, plaintext)`
+    /// Takes chunks fetched from other devices, each as `(id, stored encoding, plaintext)`
     /// where the plaintext was decoded from the encoding and checked against the id
-    /// (`decode_fetched`). Chunks this device no longer references, or already holds, are
-    /// skipped. The data is written once (no WAL, as staged writes are) and made durable
-    /// before one commit records it as held.
-    pub fn put_fetched(&self, chunks: &[(ChunkId, Bytes, Bytes)]) -> Result<()> {
+    /// (`decode_fetched`). They are readable (and served to peers) at once; `persist_landed`
+    /// writes them to disk. Returns the encoded bytes landed and not yet persisted.
+    pub fn land_fetched(&self, chunks: Vec<(ChunkId, Bytes, Bytes)>) -> u64 {
+        let mut landed = self.inner.landed.lock();
+        for (id, encoded, plain) in chunks {
+            let n = encoded.len() as u64;
+            if landed.chunks.insert(id, (encoded, plain)).is_none() {
+                landed.bytes += n;
+            }
+        }
+        landed.bytes
+    }
+
+    /// Writes every landed chunk to disk and records it as held; returns how many were
+    /// written. Chunks this device no longer references, or already holds, are dropped. A
+    /// few go through the WAL with the commit; many are written once (no WAL, as staged
+    /// writes are) and made durable before the one commit that records them. On failure
+    /// (a full disk) the landed chunks are dropped: they can be fetched again.
+    pub fn persist_landed(&self) -> Result<usize> {
+        let chunks: Vec<(ChunkId, Bytes, Bytes)> = self
+            .inner
+            .landed
+            .lock()
+            .chunks
+            .iter()
+            .map(|(id, (e, p))| (*id, e.clone(), p.clone()))
+            .collect();
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        let res = self.put_fetched(&chunks);
+        let mut landed = self.inner.landed.lock();
+        for (id, ..) in &chunks {
+            if let Some((e, _)) = landed.chunks.remove(id) {
+                landed.bytes -= e.len() as u64;
+            }
+        }
+        res
+    }
+
+    fn put_fetched(&self, chunks: &[(ChunkId, Bytes, Bytes)]) -> Result<usize> {
         let reader = self.reader();
         let mut wanted = Vec::new();
         for c in chunks {
@@ -558,7 +613,7 @@ impl Store {
         }
         drop(reader);
         if wanted.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let bytes: u64 = wanted.iter().map(|(_, e, _)| e.len() as u64).sum();
         self.check_space(bytes)?;
@@ -583,15 +638,18 @@ impl Store {
         if let Some(space) = &self.inner.space {
             space.consumed(bytes);
         }
-        for (id, _, plain) in wanted {
+        for (id, _, plain) in &wanted {
             self.inner.cache.insert(*id, plain.clone());
         }
-        Ok(())
+        Ok(wanted.len())
     }
 
     /// The stored encoding of a chunk held here and its plaintext length (to serve a peer,
     /// which decodes and checks it).
     pub fn stored_chunk(&self, id: &ChunkId) -> Result<Option<(Bytes, u32)>> {
+        if let Some((e, p)) = self.inner.landed.lock().chunks.get(id) {
+            return Ok(Some((e.clone(), p.len() as u32)));
+        }
         let Some(v) = self.inner.backend.get(Cf::Refs, &id.0)? else {
             return Ok(None);
         };
@@ -606,8 +664,33 @@ impl Store {
             .map(|data| (Bytes::from(data), r.len)))
     }
 
-    /// True if the chunk is stored on this device.
+    /// Calls `f` with every chunk stored (or landed) on this device, and returns how many
+    /// calls there were: what a device announces it holds.
+    pub fn held_chunks(&self, mut f: impl FnMut(&ChunkId)) -> Result<u64> {
+        // Landed first: a chunk persisted between the two looks is seen twice, never missed.
+        let landed: Vec<ChunkId> = self.inner.landed.lock().chunks.keys().copied().collect();
+        landed.iter().for_each(&mut f);
+        let mut n = landed.len() as u64;
+        let snap = self.snapshot();
+        for item in snap.scan_from(Cf::Refs, &[]) {
+            let (k, v) = item?;
+            let id: [u8; 32] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::corrupt("refs key of the wrong length"))?;
+            if records::decode::<RefRecord>("chunk ref", &v)?.stored > 0 {
+                f(&ChunkId(id));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// True if the chunk is stored on this device (or landed, see `land_fetched`).
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        if self.inner.landed.lock().chunks.contains_key(id) {
+            return Ok(true);
+        }
         Ok(match self.inner.backend.get(Cf::Refs, &id.0)? {
             Some(v) => records::decode::<RefRecord>("chunk ref", &v)?.stored > 0,
             None => false,

@@ -188,6 +188,21 @@ impl Daemon {
         s
     }
 
+    /// The address the daemon listens on for devices, from its log (it may have been asked
+    /// for port 0).
+    pub fn listen_addr(&self) -> String {
+        let mut found = None;
+        wait_until(Duration::from_secs(30), || {
+            found = self.log_text().lines().find_map(|l| {
+                let rest = l.split("listening for devices").nth(1)?;
+                let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
+                Some(addr.to_string())
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no listening address in the log:\n{}", self.log_text()))
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon running").id()
@@ -418,14 +433,6 @@ impl Drop for Lan {
         }
         let _ = ip(&["netns", "del", &self.bridge_ns()]);
     }
-}
-
-/// A UDP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
 }
 
 /// Runs `pvfs ARGS...`.

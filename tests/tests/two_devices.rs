@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pvfs_tests::{admin, assert_fsck_clean, free_port, pvfs, shared, wait_until, Daemon, Scratch};
+use pvfs_tests::{admin, assert_fsck_clean, pvfs, shared, wait_until, Daemon, Scratch};
 
 /// A deterministic pseudo-random stream (xorshift), so that no two chunks are equal.
 fn fill(buf: &mut [u8], state: &mut u64) {
@@ -43,9 +43,9 @@ fn pair(a: &Scratch, b: &Scratch) -> (Daemon, Daemon, String) {
 
 /// Like `pair`, with extra lines for the `[net]` table of B's config.
 fn pair_with(a: &Scratch, b: &Scratch, b_net: &str) -> (Daemon, Daemon, String, String) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let da = Daemon::try_start(&a.data(), &a.mnt(), &["--listen", &listen]).unwrap();
+    // Port 0, then the port A got: a port picked here could be taken before A binds it.
+    let da = Daemon::try_start(&a.data(), &a.mnt(), &[]).unwrap();
+    let listen = da.listen_addr();
     let out = da.admin(&["invite"]);
     assert!(
         out.status.success(),

@@ -178,14 +178,18 @@ pub fn print_human(req: &Request, v: &Value) {
                 println!("no device connected");
             }
             for p in rows {
+                let holds = p["holds_chunks"]
+                    .as_u64()
+                    .map_or_else(|| "holds ?".to_string(), |n| format!("holds {n} chunks"));
                 println!(
-                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  last seen {} ago",
+                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  served {:>12}  {holds}  last seen {} ago",
                     &p["device"].as_str().unwrap_or_default()
                         [..8.min(p["device"].as_str().unwrap_or_default().len())],
                     p["addr"].as_str().unwrap_or_default(),
                     p["rtt_ms"].as_f64().unwrap_or(0.0),
                     human_bytes(p["fetched_bytes"].as_u64().unwrap_or(0)),
                     p["throughput_mbs"].as_f64().unwrap_or(0.0),
+                    human_bytes(p["served_bytes"].as_u64().unwrap_or(0)),
                     ago(p["last_seen"].as_u64().unwrap_or(0)),
                 );
             }

@@ -223,8 +223,9 @@ impl Inviter {
         let store = self.store.clone();
         let device = peer.device;
         let n = name.clone();
+        let cert = self.cert.clone();
         tokio::task::spawn_blocking(move || {
-            store.commit(true, |tx| tx.set_member(device, &n, true))
+            store.commit(true, |tx| tx.set_member(device, &n, true, &*cert))
         })
         .await
         .map_err(|e| NetError::Io(std::io::Error::other(e)))??;

@@ -38,6 +38,8 @@ pub struct DeviceCert {
     cert: CertificateDer<'static>,
     key_der: Vec<u8>,
     device: DeviceId,
+    /// The same key, for signing membership changes.
+    signing: ring::signature::Ed25519KeyPair,
 }
 
 impl fmt::Debug for DeviceCert {
@@ -65,10 +67,14 @@ impl DeviceCert {
         let cert = params
             .self_signed(&key)
             .map_err(|e| NetError::Tls(format!("signing the device certificate: {e}")))?;
+        let key_der = key.serialize_der();
+        let signing = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&key_der)
+            .map_err(|e| NetError::Tls(format!("device key: {e}")))?;
         Ok(DeviceCert {
             cert: cert.der().clone(),
-            key_der: key.serialize_der(),
+            key_der,
             device,
+            signing,
         })
     }
 
@@ -79,6 +85,18 @@ impl DeviceCert {
 
     fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+impl pvfs_store::Signer for DeviceCert {
+    fn public_key(&self) -> Vec<u8> {
+        ring::signature::KeyPair::public_key(&self.signing)
+            .as_ref()
+            .to_vec()
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.signing.sign(msg).as_ref().to_vec()
     }
 }
 

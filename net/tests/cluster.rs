@@ -54,7 +54,7 @@ fn cluster(n: usize) -> Vec<Device> {
             store
                 .commit(false, |tx| {
                     for (i, m) in certs.iter().enumerate() {
-                        tx.set_member(m.device(), &format!("dev{i}"), true)?;
+                        tx.set_member(m.device(), &format!("dev{i}"), true, &**c)?;
                     }
                     Ok(())
                 })
@@ -305,7 +305,9 @@ async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     let stranger_store = Store::in_memory_in(stranger_cert.device(), OWNER, NS).unwrap();
     for d in &devs {
         stranger_store
-            .commit(false, |tx| tx.set_member(d.cert.device(), "victim", true))
+            .commit(false, |tx| {
+                tx.set_member(d.cert.device(), "victim", true, &stranger_cert)
+            })
             .unwrap();
     }
     let stranger = Net::start(
@@ -336,7 +338,9 @@ async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     let gone = devs[1].cert.device();
     devs[0]
         .store
-        .commit(false, |tx| tx.set_member(gone, "dev1", false))
+        .commit(false, |tx| {
+            tx.set_member(gone, "dev1", false, &*devs[0].cert)
+        })
         .unwrap();
     assert!(!devs[0].store.is_member(&gone).unwrap());
     let probe = Endpoint::bind(
@@ -366,7 +370,9 @@ async fn a_lying_peer_is_caught_and_another_holder_serves() {
     let liar_cert = cert();
     for d in [a, b] {
         d.store
-            .commit(false, |tx| tx.set_member(liar_cert.device(), "liar", true))
+            .commit(false, |tx| {
+                tx.set_member(liar_cert.device(), "liar", true, &*d.cert)
+            })
             .unwrap();
     }
     let liar_members = Arc::new(pvfs_net::sync::StoreMembers(b.store.clone()));

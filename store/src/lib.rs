@@ -36,7 +36,9 @@ pub use records::{
     DirentRecord, EntryRecord, ExtentRecord, Loc, MemberRecord, NodeRecord, OpKind, OpRecord,
     Stamps, StatsRecord,
 };
-pub use replica::{conflict_name, Applied, Version, VersionVector, MEMBER_NAME_MAX};
+pub use replica::{
+    conflict_name, member_message, Applied, Signer, Version, VersionVector, MEMBER_NAME_MAX,
+};
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{

@@ -11,7 +11,7 @@ use crate::error::{Result, StoreError};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp};
 
 /// The on-disk format version written to `meta/format`.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// A node (file, directory, symlink, special file) as stored in `Cf::Nodes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,7 +286,8 @@ pub enum OpKind {
         /// New value.
         value: Option<Vec<u8>>,
     },
-    /// A device joined the namespace (`added`) or was removed from it, for good.
+    /// A device joined the namespace (`added`) or was removed from it, for good. Signed by
+    /// the op's author with its device key (`member_message`).
     Member {
         /// The device.
         device: DeviceId,
@@ -294,6 +295,10 @@ pub enum OpKind {
         name: String,
         /// Added or removed.
         added: bool,
+        /// The author's Ed25519 public key (its device id is derived from it).
+        key: Vec<u8>,
+        /// The author's Ed25519 signature of `member_message`.
+        signature: Vec<u8>,
     },
     /// File content changed: extents in `[start, end)` replaced by `extents`, size set.
     Content {

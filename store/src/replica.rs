@@ -165,6 +165,20 @@ fn civil_date(days: u64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Signs this device's membership changes with its device key (`pvfs-store` holds no keys:
+/// the daemon's identity implements this).
+pub trait Signer {
+    /// The Ed25519 public key, raw (32 bytes); the device id is derived from it.
+    fn public_key(&self) -> Vec<u8>;
+    /// An Ed25519 signature of `msg`.
+    fn sign(&self, msg: &[u8]) -> Vec<u8>;
+}
+
+/// What a membership op's author signs: the op's id and the change.
+pub fn member_message(id: OpId, device: DeviceId, name: &str, added: bool) -> Vec<u8> {
+    crate::records::encode(&("pvfs member op 1", id, device, name, added))
+}
+
 fn invalid(what: impl Into<String>) -> StoreError {
     StoreError::Invalid(what.into())
 }
@@ -199,10 +213,23 @@ fn validate(op: &OpRecord) -> Result<()> {
             validate_name(to_name)?;
         }
         OpKind::SetAttr { .. } => {}
-        OpKind::Member { name, .. } => {
+        OpKind::Member {
+            device,
+            name,
+            added,
+            key,
+            signature,
+        } => {
             if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
                 return Err(invalid("bad device name"));
             }
+            // Only the author's own key can make a membership change in its name.
+            if key.len() != 32 || DeviceId::from_public_key(key) != op.id.device {
+                return Err(invalid("membership change not signed by its author's key"));
+            }
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+                .verify(&member_message(op.id, *device, name, *added), signature)
+                .map_err(|_| invalid("membership change with a bad signature"))?;
         }
         OpKind::SetXattr { name, value, .. } => {
             if name.is_empty() || name.len() > NAME_MAX {
@@ -502,6 +529,7 @@ impl Txn<'_> {
                 device,
                 name,
                 added,
+                ..
             } => {
                 self.apply_member(*device, name, *added)?;
                 Vec::new()
@@ -1031,15 +1059,32 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Records and applies a membership change made on this device.
-    pub fn set_member(&mut self, device: DeviceId, name: &str, added: bool) -> Result<()> {
+    /// Records and applies a membership change made on this device, signed with its key.
+    pub fn set_member(
+        &mut self,
+        device: DeviceId,
+        name: &str,
+        added: bool,
+        signer: &dyn Signer,
+    ) -> Result<()> {
         if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
             return Err(invalid("bad device name"));
         }
+        let key = signer.public_key();
+        if DeviceId::from_public_key(&key) != self.state.device {
+            return Err(invalid("the signing key is not this device's"));
+        }
+        let id = OpId {
+            device: self.state.device,
+            seq: self.state.next_seq,
+        };
+        let signature = signer.sign(&member_message(id, device, name, added));
         self.record(OpKind::Member {
             device,
             name: name.to_string(),
             added,
+            key,
+            signature,
         });
         self.apply_member(device, name, added)
     }
@@ -1216,5 +1261,85 @@ mod tests {
         }
         let raw = vec![0xffu8; 255];
         assert!(conflict_name(&raw, dev, hlc, 5).len() <= NAME_MAX);
+    }
+
+    struct Key(ring::signature::Ed25519KeyPair);
+
+    impl Key {
+        fn new() -> Key {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            Key(ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap())
+        }
+
+        fn device(&self) -> DeviceId {
+            DeviceId::from_public_key(&self.public_key())
+        }
+    }
+
+    impl Signer for Key {
+        fn public_key(&self) -> Vec<u8> {
+            ring::signature::KeyPair::public_key(&self.0)
+                .as_ref()
+                .to_vec()
+        }
+
+        fn sign(&self, msg: &[u8]) -> Vec<u8> {
+            self.0.sign(msg).as_ref().to_vec()
+        }
+    }
+
+    #[test]
+    fn membership_changes_are_signed_by_their_author() {
+        let owner = crate::RootOwner { uid: 0, gid: 0 };
+        let (ka, kb, kc) = (Key::new(), Key::new(), Key::new());
+        let a = Store::in_memory_in(ka.device(), owner, [1; 16]).unwrap();
+        let b = Store::in_memory_in(kb.device(), owner, [1; 16]).unwrap();
+        // Signing with another device's key is refused locally.
+        assert!(a
+            .commit(false, |tx| tx.set_member(kc.device(), "c", true, &kb))
+            .is_err());
+        a.commit(false, |tx| tx.set_member(kc.device(), "c", true, &ka))
+            .unwrap();
+        let ops = a.ops_after(&Default::default(), 100).unwrap();
+        let good = ops.last().unwrap().clone();
+        let tampered = |f: &dyn Fn(&mut OpKind)| {
+            let mut op = good.clone();
+            f(&mut op.kind);
+            op
+        };
+        let forged = [
+            // The change altered after signing.
+            tampered(&|k| {
+                if let OpKind::Member { name, .. } = k {
+                    *name = "mallory".into();
+                }
+            }),
+            tampered(&|k| {
+                if let OpKind::Member { added, .. } = k {
+                    *added = false;
+                }
+            }),
+            // Signed by a key that is not the author's.
+            tampered(&|k| {
+                if let OpKind::Member { key, signature, .. } = k {
+                    *key = kc.public_key();
+                    *signature = kc.sign(&member_message(good.id, kc.device(), "c", true));
+                }
+            }),
+            // No signature.
+            tampered(&|k| {
+                if let OpKind::Member { signature, .. } = k {
+                    signature.clear();
+                }
+            }),
+        ];
+        for op in forged {
+            let err = b.apply_remote(&[op], &|_| false).unwrap_err();
+            assert!(err.to_string().contains("sign"), "{err}");
+            assert!(!b.is_member(&kc.device()).unwrap());
+        }
+        b.apply_remote(&[good], &|_| false).unwrap();
+        assert!(b.is_member(&kc.device()).unwrap());
     }
 }

@@ -235,6 +235,12 @@ impl Daemon {
             }
         };
         force_unmount(&self.mnt);
+        if !ok {
+            eprintln!(
+                "the daemon did not exit cleanly on SIGTERM; its log:\n{}",
+                self.log_text()
+            );
+        }
         ok
     }
 

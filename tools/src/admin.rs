@@ -62,10 +62,9 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
             crate::network::devices(&node.store, &connected)
         }
         Request::RemoveDevice { name } => {
-            let (device, v) = crate::network::remove_device(&node.store, name)?;
-            if let Some(n) = node.network.get() {
-                n.disconnect(device);
-            }
+            let n = node.network()?;
+            let (device, v) = crate::network::remove_device(&node.store, name, &*n.cert)?;
+            n.disconnect(device);
             Ok(v)
         }
         Request::Invite { ttl_secs } => node.network()?.invite(std::time::Duration::from_secs(

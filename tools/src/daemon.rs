@@ -127,7 +127,8 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     let identity = load_or_create_identity(data)?;
     let store = create_store(data, &config, &identity, None)?;
     let name = device_name(&config);
-    store.commit(true, |tx| tx.set_member(store.device(), &name, true))?;
+    let cert = DeviceCert::from_key_pem(&identity.pem())?;
+    store.commit(true, |tx| tx.set_member(store.device(), &name, true, &cert))?;
     tracing::info!(device = %store.device(), %name, "created a new device and namespace");
     Ok(store)
 }
@@ -173,9 +174,10 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     Config::parse(&text, &path)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     let store = create_store(data, &config, &identity, Some(namespace))?;
+    let cert = DeviceCert::from_key_pem(&identity.pem())?;
     store.commit(true, |tx| {
-        tx.set_member(store.device(), &name, true)?;
-        tx.set_member(invite.inviter, &inviter_name, true)
+        tx.set_member(store.device(), &name, true, &cert)?;
+        tx.set_member(invite.inviter, &inviter_name, true, &cert)
     })?;
     tracing::info!(device = %store.device(), %name, inviter = %inviter_name, "joined the namespace");
     Ok(store)

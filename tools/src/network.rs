@@ -30,6 +30,8 @@ pub struct Network {
     /// Sessions, sync and fetch.
     pub net: Net,
     inviter: Arc<Inviter>,
+    /// Signs this device's membership changes.
+    pub(crate) cert: Arc<DeviceCert>,
     runtime: tokio::runtime::Handle,
     discovery: Arc<std::sync::Mutex<Option<pvfs_net::discovery::Discovery>>>,
 }
@@ -106,7 +108,7 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
     let inviter = Inviter::new(
         store.clone(),
         name.to_string(),
-        cert,
+        cert.clone(),
         SocketAddr::new(listen.ip(), 0),
     );
     let addr = net.local_addr()?;
@@ -125,6 +127,7 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
     Ok(Network {
         net,
         inviter,
+        cert,
         runtime: runtime.handle().clone(),
         discovery: Arc::new(std::sync::Mutex::new(discovery)),
     })
@@ -292,7 +295,11 @@ pub fn devices(store: &Store, connected: &[DeviceId]) -> anyhow::Result<Value> {
 }
 
 /// `devices remove NAME`: removes a member for good (by name or device id prefix).
-pub fn remove_device(store: &Store, which: &str) -> anyhow::Result<(DeviceId, Value)> {
+pub fn remove_device(
+    store: &Store,
+    which: &str,
+    signer: &dyn pvfs_store::Signer,
+) -> anyhow::Result<(DeviceId, Value)> {
     let members = store.members()?;
     let matches: Vec<_> = members
         .iter()
@@ -305,7 +312,7 @@ pub fn remove_device(store: &Store, which: &str) -> anyhow::Result<(DeviceId, Va
     };
     anyhow::ensure!(*device != store.device(), "a device cannot remove itself");
     let (device, name) = (*device, m.name.clone());
-    store.commit(true, |tx| tx.set_member(device, &name, false))?;
+    store.commit(true, |tx| tx.set_member(device, &name, false, signer))?;
     Ok((
         device,
         json!({ "removed": device.to_string(), "name": name }),

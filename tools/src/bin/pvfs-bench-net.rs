@@ -73,7 +73,7 @@ fn device(
     )?;
     store.commit(false, |tx| {
         for (i, m) in members.iter().enumerate() {
-            tx.set_member(m.device(), &format!("dev{i}"), true)?;
+            tx.set_member(m.device(), &format!("dev{i}"), true, &*c)?;
         }
         Ok(())
     })?;

@@ -875,12 +875,15 @@ impl Store {
         if enough(space.free_bytes()?) {
             return Ok(());
         }
+        // A background reclaim may be under way (it has taken the count already): wait for
+        // it to finish rather than fail while it frees the space.
+        drop(self.inner.reclaim_lock.lock());
         if self.inner.reclaimable.load(Ordering::Relaxed) > 0 {
             self.reclaim()?;
-            *space.checked.lock() = None;
-            if enough(space.free_bytes()?) {
-                return Ok(());
-            }
+        }
+        *space.checked.lock() = None;
+        if enough(space.free_bytes()?) {
+            return Ok(());
         }
         Err(StoreError::NoSpace)
     }

@@ -1,7 +1,8 @@
 //! pvfs-net: everything that crosses the network.
 //!
-//! Owns: the wire protocol (`wire`), and, as they land, device pairing, discovery (mDNS and
-//! static peers), the QUIC transport, namespace sync and chunk fetch.
+//! Owns: the wire protocol (`wire`), device identity and TLS (`tls`), the QUIC transport
+//! (`transport`), pairing (`join`), discovery (`discovery`), namespace sync and fetch
+//! (`sync`), chunk streams (`chunks`) and holdings announcements (`holdings`).
 //! Must not: be imported by `pvfs-fs` (the filesystem asks for absent chunks through a trait
 //! that `tools` wires to this crate), or trust any byte from a peer before validating it.
 

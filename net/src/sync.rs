@@ -1,12 +1,14 @@
 //! Sessions between member devices: namespace sync and chunk fetch.
 //!
 //! Owns: the per-connection session (a `Hello` each way on the first stream, then the ops the
-//! other lacks by version vector, then live push of new ops), serving chunk requests on the
-//! other streams, fetching absent chunks (one transfer per chunk however many readers wait,
-//! each connected peer tried in turn, a timeout), dialling addresses with backoff, and the
-//! peer table that `pvfs-admin peers` shows.
-//! Must not: call the store on an async worker (store calls go to the blocking pool), or
-//! trust a peer: ops are validated by the store, chunks by their BLAKE3 id.
+//! other lacks by version vector, then live push of new ops and of what this device holds),
+//! fetching absent chunks (one transfer per chunk however many readers wait; announced
+//! holders first, then every connected peer; a timeout), landing fetched chunks in the store,
+//! dialling addresses with backoff, and the peer table that `pvfs-admin peers` shows. The
+//! chunk streams themselves are `chunks`.
+//! Must not: call the store on an async worker where it may touch the disk (those calls go
+//! to the blocking pool; landing a fetched chunk is an in-memory insert), or trust a peer:
+//! ops are validated by the store, chunks by their BLAKE3 id, announcements are only hints.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use pvfs_store::{ChunkId, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::{NetError, Result};
 use crate::wire::{self, Message, MAX_IDS};
@@ -25,9 +25,16 @@ use crate::wire::{self, Message, MAX_IDS};
 const QUEUED_WANTS: usize = 4;
 /// Answers a server has read from the store ahead of the one it is sending.
 const READ_AHEAD: usize = 32;
-/// Chunks being read from the store at once (a disk serves several reads in parallel
-/// faster than one at a time).
+/// Chunks a peer still has to answer below which a request is sent at once (see `ask`).
+const KEEP_BUSY: usize = 16;
+/// Requests sent together in one `Want` while the peer is busy.
+const WANT_BATCH: usize = 16;
+/// Reads of the store under way at once (a disk serves several reads in parallel faster
+/// than one at a time).
 const READ_PARALLEL: usize = 8;
+/// Chunks one read takes in turn: a blocking-pool task per chunk would cost two thread
+/// switches per chunk.
+const READ_GROUP: usize = 4;
 
 /// What a device served one peer.
 #[derive(Debug, Default)]
@@ -52,15 +59,19 @@ pub(crate) async fn serve(
     // Reads the store, `READ_PARALLEL` chunks at a time, and queues the answers in order;
     // ends when the peer wants nothing more or is gone.
     let reader = tokio::spawn(async move {
-        let read = |id: ChunkId| {
+        let read = |ids: Vec<ChunkId>| {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || match store.stored_chunk(&id) {
-                Ok(Some((data, _))) => Message::Chunk { id, data },
-                Ok(None) => Message::Missing(vec![id]),
-                Err(e) => {
-                    tracing::warn!(chunk = %id.fmt_short(), "serving a chunk: {e}");
-                    Message::Missing(vec![id])
-                }
+            tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .map(|id| match store.stored_chunk(&id) {
+                        Ok(Some((data, _))) => Message::Chunk { id, data },
+                        Ok(None) => Message::Missing(vec![id]),
+                        Err(e) => {
+                            tracing::warn!(chunk = %id.fmt_short(), "serving a chunk: {e}");
+                            Message::Missing(vec![id])
+                        }
+                    })
+                    .collect::<Vec<_>>()
             })
         };
         let mut ids = VecDeque::new();
@@ -73,8 +84,11 @@ pub(crate) async fn serve(
                         Err(_) => break,
                     }
                 }
-                let Some(id) = ids.pop_front() else { break };
-                reading.push_back(read(id));
+                if ids.is_empty() {
+                    break;
+                }
+                let group = ids.drain(..ids.len().min(READ_GROUP)).collect();
+                reading.push_back(read(group));
             }
             let Some(next) = reading.pop_front() else {
                 match wanted.recv().await {
@@ -85,9 +99,11 @@ pub(crate) async fn serve(
                     None => return,
                 }
             };
-            let Ok(m) = next.await else { return };
-            if answers.send(m).await.is_err() {
-                return;
+            let Ok(group) = next.await else { return };
+            for m in group {
+                if answers.send(m).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -101,7 +117,7 @@ pub(crate) async fn serve(
                     served.missing.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            wire::write_message(&mut send, &m).await?;
+            wire::send_message(&mut send, &m).await?;
         }
         let _ = send.finish();
         Ok::<(), NetError>(())
@@ -189,7 +205,7 @@ async fn run(conn: quinn::Connection, mut queue: mpsc::UnboundedReceiver<Request
                 continue;
             }
         };
-        let pending = Mutex::new(VecDeque::new());
+        let pending = Pending::default();
         let res = tokio::select! {
             r = ask(first, &mut queue, send, &pending) => r,
             r = take_answers(recv, &pending) => r,
@@ -200,18 +216,37 @@ async fn run(conn: quinn::Connection, mut queue: mpsc::UnboundedReceiver<Request
             Err(e) => e.to_string(),
         };
         tracing::debug!(peer = %conn.remote_address(), "chunk stream: {why}");
-        for r in pending.lock().expect("pending lock").drain(..) {
+        for r in pending.asked.lock().expect("pending lock").drain(..) {
             let _ = r.reply.send(Err(NetError::Connect(why.clone())));
         }
     }
 }
 
-/// Sends every request as it comes, many ids to a `Want`; `Ok` once no more can come.
+/// Requests of one stream that wait for their answers, in the order they were asked.
+#[derive(Default)]
+struct Pending {
+    asked: Mutex<VecDeque<Request>>,
+    /// Signalled whenever an answer is taken.
+    answered: Notify,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.asked.lock().expect("pending lock").len()
+    }
+}
+
+/// Sends the requests as they come, many ids to a `Want`; `Ok` once no more can come.
+///
+/// While the peer has `KEEP_BUSY` chunks or more still to answer, new requests are held
+/// until `WANT_BATCH` of them are due or it falls below that: it answers in order, so a held
+/// request is answered no later, and a `Want` for every chunk of a sequential read would
+/// cost both sides a packet and a round of task wakeups per chunk.
 async fn ask(
     first: Request,
     queue: &mut mpsc::UnboundedReceiver<Request>,
     mut send: quinn::SendStream,
-    pending: &Mutex<VecDeque<Request>>,
+    pending: &Pending,
 ) -> Result<()> {
     let mut next = Some(first);
     loop {
@@ -222,31 +257,44 @@ async fn ask(
                 None => return Ok(()),
             },
         };
-        let mut ids = vec![first.id];
-        {
-            let mut pending = pending.lock().expect("pending lock");
-            pending.push_back(first);
-            while ids.len() < MAX_IDS {
+        let mut batch = vec![first];
+        let mut open = true;
+        loop {
+            while batch.len() < MAX_IDS {
                 let Ok(r) = queue.try_recv() else { break };
-                ids.push(r.id);
-                pending.push_back(r);
+                batch.push(r);
+            }
+            if !open || batch.len() >= WANT_BATCH || pending.len() < KEEP_BUSY {
+                break;
+            }
+            let answered = pending.answered.notified();
+            tokio::select! {
+                r = queue.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => open = false,
+                },
+                () = answered => {}
             }
         }
+        let ids = batch.iter().map(|r| r.id).collect();
+        pending.asked.lock().expect("pending lock").extend(batch);
         wire::write_message(&mut send, &Message::Want(ids)).await?;
+        if !open {
+            return Ok(());
+        }
     }
 }
 
 /// Reads the answers and hands each to the request it answers (they come in order).
-async fn take_answers(
-    mut recv: quinn::RecvStream,
-    pending: &Mutex<VecDeque<Request>>,
-) -> Result<()> {
+async fn take_answers(mut recv: quinn::RecvStream, pending: &Pending) -> Result<()> {
     let answer = |id: ChunkId, res: Result<Bytes>| -> Result<()> {
         let r = pending
+            .asked
             .lock()
             .expect("pending lock")
             .pop_front()
             .ok_or_else(|| NetError::Malformed("an answer to nothing asked".into()))?;
+        pending.answered.notify_one();
         if r.id != id {
             let _ = r
                 .reply

@@ -8,7 +8,7 @@
 //! carried it (the caller closes that stream and logs), never a panic; names and other
 //! content inside ops are validated again where they are applied (`pvfs-store`).
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -208,12 +208,15 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Mess
             max: MAX_FRAME as u64,
         });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => NetError::Truncated,
-        _ => NetError::Io(e),
-    })?;
-    decode_frame(Bytes::from(body)).map(Some)
+    // Filled as it arrives rather than zeroed first: a chunk frame is up to 256 KiB.
+    let mut body = BytesMut::with_capacity(len);
+    while body.len() < len {
+        let room = len - body.len();
+        if r.read_buf(&mut (&mut body).limit(room)).await? == 0 {
+            return Err(NetError::Truncated);
+        }
+    }
+    decode_frame(body.freeze()).map(Some)
 }
 
 /// The frame of a `Chunk` up to its data: length prefix, tag, id, data length.
@@ -248,6 +251,18 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> R
         w.write_all(&encode(msg)?).await?;
     }
     Ok(())
+}
+
+/// `write_message` on a QUIC stream: a chunk's data is handed to quinn as it is, where
+/// `AsyncWrite` would copy it into quinn's send buffer.
+pub async fn send_message(send: &mut quinn::SendStream, msg: &Message) -> Result<()> {
+    let Message::Chunk { id, data } = msg else {
+        return write_message(send, msg).await;
+    };
+    let mut parts = [Bytes::from(chunk_head(*id, data)?), data.clone()];
+    send.write_all_chunks(&mut parts)
+        .await
+        .map_err(|e| NetError::Io(e.into()))
 }
 
 #[cfg(test)]

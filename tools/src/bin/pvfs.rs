@@ -84,6 +84,16 @@ fn tune_malloc() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
+    // No transparent huge pages for this process: mimalloc asks for them, and memory it
+    // returns and takes again then comes back as 2 MiB pages zeroed whole by the kernel.
+    // Zeroing was 15% of the CPU of a cold read of remote content; without it that read used
+    // about 10% less CPU and ran about 15% faster, and local writes and reads were no slower.
+    // An error (an old kernel) leaves THP as it was.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag on this process's memory map.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

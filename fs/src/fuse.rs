@@ -133,9 +133,9 @@ pub struct FuseFs {
     /// operations) on blocking threads, so that chunking and hashing never occupy a FUSE
     /// session thread; small commits (`Fs::is_light`) run on the session thread.
     blocking: tokio::runtime::Handle,
-    /// Open files whose reads found content held elsewhere: their reads keep the next
-    /// `FETCH_AHEAD` bytes coming.
-    remote_reads: parking_lot::Mutex<std::collections::HashSet<u64>>,
+    /// Open files whose reads found content held elsewhere, and for each the end of the
+    /// range already asked for: their reads keep the next `FETCH_AHEAD` bytes coming.
+    remote_reads: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl FuseFs {
@@ -173,7 +173,7 @@ impl FuseFs {
             Ok(w) => w,
             Err(e) => return reply.error(errno("read", &e)),
         };
-        self.remote_reads.lock().insert(fh);
+        self.remote_reads.lock().entry(fh).or_insert(0);
         self.fetch_ahead(fh, offset + u64::from(size));
         struct Waiting {
             left: usize,
@@ -233,29 +233,49 @@ impl FuseFs {
     }
 
     /// Asks for the absent chunks of `[from, from + FETCH_AHEAD)`, so that a sequential
-    /// reader of content held elsewhere finds it here.
+    /// reader of content held elsewhere finds it here. What this handle asked for already
+    /// is not looked at again: a sequential reader costs one extent lookup per chunk, not
+    /// one per chunk of the window on every read.
     fn fetch_ahead(&self, fh: u64, from: u64) {
         let Some(remote) = self.fs.remote() else {
             return;
         };
-        if let Ok((ino, ahead)) = self.fs.absent_chunks(fh, from, FETCH_AHEAD) {
+        let end = from.saturating_add(FETCH_AHEAD);
+        let start = {
+            let mut reads = self.remote_reads.lock();
+            let Some(asked) = reads.get_mut(&fh) else {
+                return;
+            };
+            // A reader that stays within the window continues from where the asking
+            // stopped; one that jumped (a seek) starts a new window.
+            let start = if (from..=end).contains(asked) {
+                *asked
+            } else {
+                from
+            };
+            *asked = end;
+            start
+        };
+        if start >= end {
+            return;
+        }
+        if let Ok((ino, ahead)) = self.fs.absent_chunks(fh, start, end - start) {
             for (id, len) in ahead {
                 remote.fetch(id, len, ino, Box::new(|_| {}));
             }
         }
     }
 
-    /// After a read served here of a file that has content elsewhere: if the chunk half a
-    /// window ahead is absent, the next window is asked for now, before the reader gets
-    /// there (one lookup per read; files never read remotely skip it).
+    /// After a read served here of a file that has content elsewhere: once the reader is
+    /// within half a window of the end of what was asked for, the next part is asked for,
+    /// before the reader gets there (files never read remotely skip it).
     fn keep_ahead(&self, fh: u64, end: u64) {
-        if !self.remote_reads.lock().contains(&fh) {
-            return;
-        }
-        if let Ok((_, absent)) = self.fs.absent_chunks(fh, end + FETCH_AHEAD / 2, 1) {
-            if !absent.is_empty() {
-                self.fetch_ahead(fh, end);
-            }
+        let due = match self.remote_reads.lock().get(&fh) {
+            Some(&asked) => end.saturating_add(FETCH_AHEAD / 2) > asked,
+            None => false,
+        };
+        if due {
+            self.fetch_ahead(fh, end);
         }
     }
 

@@ -63,39 +63,6 @@ enum Cmd {
     },
 }
 
-/// `mi_option_purge_delay` in mimalloc.h (the same in mimalloc v2 and v3; the bindings of
-/// `libmimalloc-sys` do not name it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Freed memory goes back to the kernel only after this long unused: a write stream frees
-/// and allocates tens of MiB per commit, and memory returned at once comes back as freshly
-/// faulted, kernel-zeroed pages (measured: 1 GiB random write 171 -> 197 MB/s).
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
-
-/// RocksDB allocates write batches and memtable blocks of several MiB with the C allocator:
-/// keep those in the heap for reuse instead of mapping fresh (kernel-zeroed) pages each time.
-/// mimalloc (Rust allocations) keeps freed memory for a while for the same reason.
-fn tune_malloc() {
-    // SAFETY: sets an allocator option; mimalloc reads options atomically.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-    }
-    // No transparent huge pages for this process: mimalloc asks for them, and memory it
-    // returns and takes again then comes back as 2 MiB pages zeroed whole by the kernel.
-    // Zeroing was 15% of the CPU of a cold read of remote content; without it that read used
-    // about 10% less CPU and ran about 15% faster, and local writes and reads were no slower.
-    // An error (an old kernel) leaves THP as it was.
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag on this process's memory map.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Mount {
@@ -129,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    tune_malloc();
+    pvfs_tools::tune_malloc();
     pvfs_tools::init_logging();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

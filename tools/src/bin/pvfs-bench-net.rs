@@ -164,6 +164,19 @@ async fn wait_for<F: Fn() -> bool>(what: &str, f: F) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time (user and system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0.0;
+    }
+    // SAFETY: zeroed is a valid rusage, and getrusage succeeded.
+    let u = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
 /// Raw quinn: one stream, `bytes` from server to client, with the same endpoints' config.
 async fn raw_quinn(bytes: u64, a: &DeviceCert, b: &DeviceCert) -> anyhow::Result<f64> {
     #[derive(Debug)]
@@ -231,8 +244,10 @@ async fn run() -> anyhow::Result<()> {
     let mut seed = 0x1234_5678_9abc_def1u64;
 
     println!("== raw quinn stream, 127.0.0.1, {} MiB", args.mib);
+    let cpu0 = cpu_seconds();
     let raw = raw_quinn(bytes, &a.cert, &b.cert).await?;
-    println!("raw quinn stream            {raw:>8.0} MB/s");
+    let raw_cpu = (cpu_seconds() - cpu0) / (bytes as f64 / f64::from(1u32 << 30));
+    println!("raw quinn stream            {raw:>8.0} MB/s  ({raw_cpu:.2} CPU-s per GiB)");
 
     println!(
         "== cold sequential fetch of a {} MiB file held only by A",
@@ -259,6 +274,7 @@ async fn run() -> anyhow::Result<()> {
     let ino = b.store.lookup(ROOT_INO, b"big")?.context("big")?.ino;
     let extents = b.store.extents(ino, 0, bytes)?;
     eprintln!("fetching");
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     let mut inflight = tokio::task::JoinSet::new();
     for (_, e) in &extents {
@@ -273,12 +289,14 @@ async fn run() -> anyhow::Result<()> {
         r??;
     }
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     let fetch = bytes as f64 / secs / 1e6;
     println!(
-        "pvfs fetch ({} chunks, window {})  {fetch:>8.0} MB/s  = {:.2}x raw quinn",
+        "pvfs fetch ({} chunks, window {})  {fetch:>8.0} MB/s  = {:.2}x raw quinn  ({:.2} CPU-s per GiB, both devices)",
         extents.len(),
         args.window,
-        fetch / raw
+        fetch / raw,
+        cpu / (bytes as f64 / f64::from(1u32 << 30))
     );
 
     println!(

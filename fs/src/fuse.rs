@@ -240,21 +240,14 @@ impl FuseFs {
         let Some(remote) = self.fs.remote() else {
             return;
         };
-        let end = from.saturating_add(FETCH_AHEAD);
-        let start = {
+        let (start, end) = {
             let mut reads = self.remote_reads.lock();
             let Some(asked) = reads.get_mut(&fh) else {
                 return;
             };
-            // A reader that stays within the window continues from where the asking
-            // stopped; one that jumped (a seek) starts a new window.
-            let start = if (from..=end).contains(asked) {
-                *asked
-            } else {
-                from
-            };
+            let (start, end) = ahead_range(*asked, from);
             *asked = end;
-            start
+            (start, end)
         };
         if start >= end {
             return;
@@ -286,6 +279,20 @@ impl FuseFs {
         self.blocking
             .spawn_blocking(move || span.in_scope(|| op(&fs)));
     }
+}
+
+/// The range a handle that has asked for content up to `asked` still has to ask for when
+/// its reader is at `from`: the rest of `[from, from + FETCH_AHEAD)`. A reader that stays
+/// within the window continues from where the asking stopped; one that jumped (a seek, either
+/// way) starts a new window. Empty when everything was asked for already.
+fn ahead_range(asked: u64, from: u64) -> (u64, u64) {
+    let end = from.saturating_add(FETCH_AHEAD);
+    let start = if (from..=end).contains(&asked) {
+        asked
+    } else {
+        from
+    };
+    (start, end)
 }
 
 macro_rules! reply_result {
@@ -971,5 +978,31 @@ impl Mount {
     pub fn run(self) -> io::Result<()> {
         debug!(threads = self.threads, "serving FUSE requests");
         self.session.run()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn fetch_ahead_asks_each_range_once_and_starts_again_after_a_seek() {
+        // The first remote read asks for a whole window.
+        assert_eq!(ahead_range(0, MIB), (MIB, MIB + FETCH_AHEAD));
+        // A sequential reader then asks only for what the window gained.
+        let asked = MIB + FETCH_AHEAD;
+        assert_eq!(ahead_range(asked, 2 * MIB), (asked, 2 * MIB + FETCH_AHEAD));
+        // Nothing new when it has not moved.
+        let (start, end) = ahead_range(asked, MIB);
+        assert!(start >= end);
+        // A seek forward past what was asked, or back before the window, starts anew.
+        let far = asked + 10 * FETCH_AHEAD;
+        assert_eq!(ahead_range(asked, far), (far, far + FETCH_AHEAD));
+        let back = ahead_range(10 * FETCH_AHEAD, 0);
+        assert_eq!(back, (0, FETCH_AHEAD));
+        // The end of the address space does not overflow.
+        assert_eq!(ahead_range(0, u64::MAX), (u64::MAX, u64::MAX));
     }
 }

@@ -66,6 +66,9 @@ pub fn tune_malloc() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag on this process's memory map.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        // prctl is variadic and the kernel reads whole `unsigned long` arguments (the unused
+        // ones must be 0): pass them at that width, not as `int`s.
+        let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
+        libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused);
     }
 }

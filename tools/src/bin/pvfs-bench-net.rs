@@ -241,12 +241,13 @@ async fn run() -> anyhow::Result<()> {
     let b = device(&dir, "b", &certs, 1)?;
     b.net.add_peer(a.net.local_addr()?.to_string());
     let bytes = args.mib << 20;
+    let gib = bytes as f64 / f64::from(1u32 << 30);
     let mut seed = 0x1234_5678_9abc_def1u64;
 
     println!("== raw quinn stream, 127.0.0.1, {} MiB", args.mib);
     let cpu0 = cpu_seconds();
     let raw = raw_quinn(bytes, &a.cert, &b.cert).await?;
-    let raw_cpu = (cpu_seconds() - cpu0) / (bytes as f64 / f64::from(1u32 << 30));
+    let raw_cpu = (cpu_seconds() - cpu0) / gib;
     println!("raw quinn stream            {raw:>8.0} MB/s  ({raw_cpu:.2} CPU-s per GiB)");
 
     println!(
@@ -296,7 +297,7 @@ async fn run() -> anyhow::Result<()> {
         extents.len(),
         args.window,
         fetch / raw,
-        cpu / (bytes as f64 / f64::from(1u32 << 30))
+        cpu / gib
     );
 
     println!(

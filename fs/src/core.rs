@@ -5,8 +5,10 @@
 //! Operations live one family per file: `names` (lookup, create, link, unlink, rename),
 //! `attrs` (getattr, setattr, xattrs, access, statfs), `io` (open, read, write, flush,
 //! fsync, fallocate, lseek, copy_file_range), `dir` (opendir, readdir).
-//! Must not: wait on the network. Calls may block on the local disk; the FUSE layer calls
-//! them from its own session threads, never from async workers.
+//! Must not: wait on the network, except inside `waiting_allowed` (the FUSE layer's blocking
+//! pool, background commits, shutdown), where a commit may wait for content held elsewhere.
+//! Calls may block on the local disk; the FUSE layer calls them from its own session threads
+//! and its blocking pool, never from async workers.
 
 mod attrs;
 mod dir;
@@ -14,6 +16,7 @@ mod file;
 mod inodes;
 mod io;
 mod names;
+mod remote;
 
 use crate::fs_err;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +27,12 @@ use pvfs_store::{ChunkSource, FileKind, Ino, NodeRecord, Store, Timestamp};
 
 pub use attrs::{SetAttrRequest, StatFs};
 pub use dir::DirEntry;
+pub use remote::waiting_allowed;
 
 use crate::error::{Result, StoreResultExt};
 use file::FileState;
 use inodes::InodeTable;
+use remote::Remote;
 
 /// Tuning of the filesystem core.
 #[derive(Clone, Debug)]
@@ -118,7 +123,7 @@ pub struct Fs {
     /// Bytes buffered in all open files, checked against free space on write.
     dirty_total: Arc<AtomicU64>,
     /// Where absent chunks come from (other devices), once the daemon wires it in.
-    remote: parking_lot::RwLock<Option<Arc<dyn ChunkSource>>>,
+    remote: Arc<Remote>,
 }
 
 #[derive(Debug)]
@@ -150,7 +155,7 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             opts,
             dirty_total: Arc::new(AtomicU64::new(0)),
-            remote: parking_lot::RwLock::new(None),
+            remote: Arc::default(),
         })
     }
 
@@ -162,12 +167,12 @@ impl Fs {
 
     /// Sets where absent chunks are fetched from.
     pub fn set_remote(&self, remote: Arc<dyn ChunkSource>) {
-        *self.remote.write() = Some(remote);
+        self.remote.set(remote);
     }
 
     /// Where absent chunks are fetched from, if anywhere.
     pub fn remote(&self) -> Option<Arc<dyn ChunkSource>> {
-        self.remote.read().clone()
+        self.remote.get()
     }
 
     /// The store under this filesystem.
@@ -215,9 +220,11 @@ impl Fs {
 
     /// Commits every buffered write of every open file (at unmount).
     pub fn flush_all(&self) -> Result<()> {
-        for f in self.inodes.open_files() {
-            f.flush(&self.store, true)?;
-        }
-        self.store.sync().fs()
+        remote::waiting_allowed(|| {
+            for f in self.inodes.open_files() {
+                f.flush(&self.store, true)?;
+            }
+            self.store.sync().fs()
+        })
     }
 }

@@ -32,7 +32,15 @@ impl FsError {
 
     /// True if the cause is content that is not on this device (it can be fetched).
     pub fn is_absent(&self) -> bool {
-        matches!(self.source, Some(StoreError::ChunkAbsent(_)))
+        self.absent_chunk().is_some()
+    }
+
+    /// The chunk whose absence caused this error, if that was the cause.
+    pub fn absent_chunk(&self) -> Option<pvfs_store::ChunkId> {
+        match self.source {
+            Some(StoreError::ChunkAbsent(id)) => Some(id),
+            _ => None,
+        }
     }
 
     /// Whether this is worth a warning: expected outcomes (ENOENT, EEXIST, ...) log at debug.

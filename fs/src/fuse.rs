@@ -214,10 +214,13 @@ impl FuseFs {
                 let fs = fs.clone();
                 let span = span.clone();
                 blocking.spawn_blocking(move || {
-                    span.in_scope(|| match fs.read(fh, offset, size) {
+                    let res = span.in_scope(|| {
+                        crate::core::waiting_allowed(|| fs.read_fetching(fh, offset, size))
+                    });
+                    match res {
                         Ok(data) => reply.data(&data),
                         Err(e) => reply.error(errno("read", &e)),
-                    })
+                    }
                 });
             }
         };
@@ -277,7 +280,7 @@ impl FuseFs {
         let fs = self.fs.clone();
         let span = tracing::Span::current();
         self.blocking
-            .spawn_blocking(move || span.in_scope(|| op(&fs)));
+            .spawn_blocking(move || span.in_scope(|| crate::core::waiting_allowed(|| op(&fs))));
     }
 }
 
@@ -439,12 +442,11 @@ impl Filesystem for FuseFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
-        reply_result!(
-            "unlink",
-            reply,
-            self.fs.unlink(parent.0, name.as_bytes()),
-            |()| reply.ok()
-        );
+        let name = name.as_bytes().to_vec();
+        let heavy = self.fs.removal_fetches(parent.0, &name);
+        self.run_or_offload(heavy, move |fs| {
+            reply_result!("unlink", reply, fs.unlink(parent.0, &name), |()| reply.ok())
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -502,15 +504,20 @@ impl Filesystem for FuseFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let res = self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.contains(RenameFlags::RENAME_NOREPLACE),
-            flags.contains(RenameFlags::RENAME_EXCHANGE),
-        );
-        reply_result!("rename", reply, res, |()| reply.ok());
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let heavy = !exchange && self.fs.removal_fetches(newparent.0, &newname);
+        self.run_or_offload(heavy, move |fs| {
+            let res = fs.rename(
+                parent.0,
+                &name,
+                newparent.0,
+                &newname,
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+                exchange,
+            );
+            reply_result!("rename", reply, res, |()| reply.ok())
+        });
     }
 
     fn link(

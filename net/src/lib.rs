@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error;
 pub mod holdings;
 pub mod join;
+mod keep;
 pub mod sync;
 pub mod tls;
 pub mod transport;

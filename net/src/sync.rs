@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, watch};
 use crate::chunks::{self, Requester, Served};
 use crate::error::{NetError, Result};
 use crate::holdings::Holdings;
+use crate::keep;
 use crate::tls::{DeviceCert, Members};
 use crate::transport::{Endpoint, Peer};
 use crate::wire::{self, Hello, Message, PROTOCOL_VERSION};
@@ -224,8 +225,11 @@ async fn stash(
             for w in waiters {
                 let _ = w.send(());
             }
-            // Peers learn that this device holds these now (no one listening is fine).
-            let _ = held.send(Arc::new(ids));
+            // Peers learn that this device holds these now (no one listening is fine); an
+            // online-only device keeps them in memory only and announces nothing.
+            if !store.is_online_only() {
+                let _ = held.send(Arc::new(ids));
+            }
             if landed > LANDED_MAX {
                 if let Some(p) = persisting.take() {
                     let _ = p.await;
@@ -588,6 +592,14 @@ impl ChunkSource for Net {
             }
         });
     }
+
+    fn keep_elsewhere(&self, chunks: Vec<(ChunkId, Bytes, u32)>, done: Waiter) {
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(async move {
+            let res = shared.keep_elsewhere(&chunks).await;
+            done(res.map_err(|e| StoreError::Invalid(e.to_string())));
+        });
+    }
 }
 
 impl Shared {
@@ -715,6 +727,9 @@ impl Shared {
                         chunks::serve(me.store.clone(), s.served.clone(), send, recv, ids).await
                     }
                     Ok(Some(Message::Has(ids))) => me.serve_has(send, ids).await,
+                    Ok(Some(Message::Keep(chunks))) => {
+                        keep::serve(me.store.clone(), p.device, send, recv, chunks).await
+                    }
                     Ok(Some(other)) => Err(NetError::Malformed(format!(
                         "a stream cannot start with {other:?}"
                     ))),
@@ -981,6 +996,32 @@ impl Shared {
         wire::write_message(&mut send, &Message::Holding(bits)).await?;
         let _ = send.finish();
         Ok(())
+    }
+
+    /// Stores `chunks` on one connected device, the nearest first, for an online-only
+    /// device's commit. Fails at once when no device is connected: the commit then keeps
+    /// its content here.
+    async fn keep_elsewhere(&self, chunks: &[(ChunkId, Bytes, u32)]) -> Result<()> {
+        let mut sessions = self.sessions();
+        sessions.sort_by_key(|s| s.conn.rtt());
+        let mut last = String::from("no other device is connected");
+        let mut tried: Vec<DeviceId> = Vec::new();
+        for s in sessions {
+            if tried.contains(&s.device) {
+                continue;
+            }
+            tried.push(s.device);
+            match tokio::time::timeout(self.opts.fetch_timeout, keep::push(&s.conn, chunks)).await {
+                Ok(Ok(())) => {
+                    s.touch();
+                    return Ok(());
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer within {:?}", self.opts.fetch_timeout),
+            }
+            tracing::debug!(device = %s.device.fmt_short(), "pushing chunks: {last}");
+        }
+        Err(NetError::Connect(last))
     }
 
     /// Fetches one chunk: each connected device in turn (fastest first) until one delivers

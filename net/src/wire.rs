@@ -92,6 +92,22 @@ pub enum Message {
     Holds(Holdings),
     /// The sender holds these chunks too now (sync stream, after `Holds`).
     Held(Vec<ChunkId>),
+    /// Keep these chunks for the sender, which references them in an op of its own next
+    /// (an online-only device keeps no content): each is checked against its id first.
+    Keep(Vec<Pushed>),
+    /// The answer to a `Keep`: every chunk of it is stored durably.
+    Kept,
+}
+
+/// One chunk of a `Keep`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    /// The chunk's BLAKE3 id.
+    pub id: ChunkId,
+    /// Its plaintext length.
+    pub len: u32,
+    /// Its stored encoding.
+    pub data: Bytes,
 }
 
 impl Message {
@@ -130,6 +146,15 @@ impl Message {
             }
             Message::Holds(h) => h.validate(),
             Message::Held(ids) => over("chunk ids", ids.len(), MAX_IDS),
+            Message::Keep(chunks) => {
+                over("chunks", chunks.len(), MAX_IDS)?;
+                for c in chunks {
+                    over("chunk bytes", c.data.len(), MAX_CHUNK)?;
+                    over("chunk length", c.len as usize, MAX_CHUNK)?;
+                }
+                Ok(())
+            }
+            Message::Kept => Ok(()),
         }
     }
 }
@@ -306,6 +331,12 @@ mod tests {
                 h
             }),
             Message::Held(vec![ChunkId([2; 32])]),
+            Message::Keep(vec![Pushed {
+                id: ChunkId([3; 32]),
+                len: 5,
+                data: Bytes::from_static(b"hello"),
+            }]),
+            Message::Kept,
         ]
     }
 

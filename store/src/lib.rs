@@ -55,13 +55,26 @@ pub fn decode_fetched(id: &ChunkId, encoded: &bytes::Bytes, len: u32) -> Result<
     chunk::decode_verified(id, encoded.to_vec(), len as usize)
 }
 
-/// Where absent chunks come from: implemented by the network layer, wired in by the daemon,
-/// so that the filesystem can ask for content without depending on the network.
+/// Where absent chunks come from, and where an online-only device's new chunks go:
+/// implemented by the network layer, wired in by the daemon, so that the filesystem can move
+/// content without depending on the network.
 ///
-/// `fetch` must not block: it starts the transfer and returns; `done` runs later, on another
-/// thread, once the chunk is stored here (`Ok`) or cannot be had (`Err`, after the
-/// configured timeout at the latest).
+/// Neither method blocks: each starts the transfer and returns; `done` runs later, on
+/// another thread, with the outcome (`Err` after the configured timeout at the latest).
 pub trait ChunkSource: Send + Sync + std::fmt::Debug {
     /// Fetches chunk `id` (plaintext length `len`) for inode `ino` of this device.
     fn fetch(&self, id: ChunkId, len: u32, ino: Ino, done: Box<dyn FnOnce(Result<()>) + Send>);
+
+    /// Stores `chunks` (id, stored encoding, plaintext length) durably on another device
+    /// (`Store::keep_pushed` there); `Ok` once one device has all of them.
+    fn keep_elsewhere(
+        &self,
+        chunks: Vec<(ChunkId, bytes::Bytes, u32)>,
+        done: Box<dyn FnOnce(Result<()>) + Send>,
+    ) {
+        let _ = chunks;
+        done(Err(StoreError::Invalid(
+            "this source cannot store chunks elsewhere".into(),
+        )));
+    }
 }

@@ -1205,7 +1205,7 @@ impl Txn<'_> {
     ) -> Result<()> {
         let old = self.extents(ino, 0, u64::MAX)?;
         for &(id, len) in map.values() {
-            self.incref_id(&id, len)?;
+            self.incref_id(&id, len, op.id.device)?;
         }
         for (off, e) in old {
             self.delete_extent(ino, off, &e)?;

@@ -23,7 +23,9 @@ use crate::records::{
     self, key, DirentRecord, ExtentRecord, MemberRecord, NodeRecord, OpRecord, RefRecord,
     StatsRecord, FORMAT_VERSION,
 };
-use crate::txn::{PreparedChunk, Txn, WriterState};
+use crate::txn::{
+    pushed_fields, pushed_marker, pushed_token, PreparedChunk, Txn, WriterState, PUSHED_BIT,
+};
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
 
 /// New chunks being stored ahead of one commit (`Store::stage_part`).
@@ -37,7 +39,7 @@ impl Staging {
     /// Starts staging for one commit.
     pub fn new() -> Staging {
         Staging {
-            token: u64::from_le_bytes(crate::types::random_bytes()),
+            token: u64::from_le_bytes(crate::types::random_bytes()) & !PUSHED_BIT,
             parts: 0,
         }
     }
@@ -207,6 +209,8 @@ struct Inner {
     on_commit: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Chunks fetched from other devices, readable already, not yet on disk.
     landed: Mutex<Landed>,
+    /// Keep no content on disk (`set_online_only`).
+    online_only: std::sync::atomic::AtomicBool,
 }
 
 /// Fetched chunks between `land_fetched` and `persist_landed`: readers and peers are served
@@ -407,6 +411,7 @@ impl Store {
                 space,
                 on_commit: Mutex::new(None),
                 landed: Mutex::new(Landed::default()),
+                online_only: Default::default(),
             }),
         })
     }
@@ -593,7 +598,15 @@ impl Store {
         if chunks.is_empty() {
             return Ok(0);
         }
-        let res = self.put_fetched(&chunks);
+        let res = if self.is_online_only() {
+            // Kept in memory only, where the cache holds what was read lately.
+            for (id, _, plain) in &chunks {
+                self.inner.cache.insert(*id, plain.clone());
+            }
+            Ok(0)
+        } else {
+            self.put_fetched(&chunks)
+        };
         let mut landed = self.inner.landed.lock();
         for (id, ..) in &chunks {
             if let Some((e, _)) = landed.chunks.remove(id) {
@@ -645,23 +658,110 @@ impl Store {
     }
 
     /// The stored encoding of a chunk held here and its plaintext length (to serve a peer,
-    /// which decodes and checks it).
+    /// which decodes and checks it). Chunks another device pushed here are served before
+    /// its op referencing them has arrived.
     pub fn stored_chunk(&self, id: &ChunkId) -> Result<Option<(Bytes, u32)>> {
         if let Some((e, p)) = self.inner.landed.lock().chunks.get(id) {
             return Ok(Some((e.clone(), p.len() as u32)));
         }
-        let Some(v) = self.inner.backend.get(Cf::Refs, &id.0)? else {
-            return Ok(None);
+        let held = match self.inner.backend.get(Cf::Refs, &id.0)? {
+            Some(v) => Some(records::decode::<RefRecord>("chunk ref", &v)?),
+            None => None,
         };
-        let r: RefRecord = records::decode("chunk ref", &v)?;
-        if r.stored == 0 {
-            return Ok(None);
-        }
+        let Some(held) = held.filter(|r| r.stored > 0) else {
+            return self.pushed_chunk(id);
+        };
         Ok(self
             .inner
             .backend
             .get_chunk(&id.0)?
-            .map(|data| (Bytes::from(data), r.len)))
+            .map(|data| (Bytes::from(data), held.len)))
+    }
+
+    /// A chunk another device pushed here and no op references yet: (encoding, length).
+    fn pushed_chunk(&self, id: &ChunkId) -> Result<Option<(Bytes, u32)>> {
+        let mut end = id.0.to_vec();
+        end.extend_from_slice(&[0xff; 9]);
+        let markers = self
+            .inner
+            .backend
+            .scan(Cf::Pending, &id.0, Some(&end), false);
+        for item in markers {
+            let (k, v) = item?;
+            if k.get(32..40).is_some_and(|t| t[0] & 0x80 != 0) {
+                let (_, _, len) = pushed_fields(&v)?;
+                return Ok(self
+                    .inner
+                    .backend
+                    .get_chunk(&id.0)?
+                    .map(|data| (Bytes::from(data), len)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keeps chunks that device `from` pushed here for a commit of its own (an online-only
+    /// device stores its new content elsewhere): each is `(id, stored encoding, plaintext
+    /// length)`, already checked against its id. Durable when this returns. A pending marker
+    /// per chunk (token `pushed_token(from)`) keeps it alive and servable until an op of
+    /// `from` references it, whatever other ops do meanwhile; markers no op claimed within
+    /// `PUSHED_KEEP` go when the store is opened.
+    pub fn keep_pushed(&self, from: DeviceId, chunks: Vec<(ChunkId, Bytes, u32)>) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let token = pushed_token(from);
+        // The data is written even where it is held already: a delete could drop it before
+        // the marker is down.
+        let mut markers = Vec::with_capacity(chunks.len());
+        let mut data = Vec::with_capacity(chunks.len());
+        for (id, e, len) in &chunks {
+            markers.push((
+                Cf::Pending,
+                key::pending(id, token).to_vec(),
+                Some(pushed_marker(e.len() as u32, *len)),
+            ));
+            data.push((id.0.to_vec(), e.clone()));
+        }
+        let bytes: u64 = data.iter().map(|(_, e)| e.len() as u64).sum();
+        self.check_space(bytes)?;
+        if bytes < FETCH_VIA_WAL {
+            // Few bytes: data and markers through the WAL, one sync.
+            let data = data
+                .into_iter()
+                .map(|(k, e)| (Cf::Chunks, k, Some(e.to_vec())));
+            markers.extend(data);
+            self.inner.backend.write(markers, true)?;
+        } else {
+            // Markers first (a crash then leaves markers the next open cleans), then the
+            // data once, flushed.
+            self.inner.backend.write(markers, true)?;
+            self.inner.backend.write_chunks(data)?;
+            self.inner.backend.wait_chunks_durable()?;
+        }
+        if let Some(space) = &self.inner.space {
+            space.consumed(bytes);
+        }
+        // Chunks referenced here as absent (another device's op came first) are held from now
+        // on.
+        self.commit(true, |tx| {
+            for (id, e, len) in &chunks {
+                tx.hold_pushed(id, e.len() as u32, *len)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Keeps no file content on disk: fetched chunks stay in memory (`persist_landed`
+    /// only caches them), and the filesystem pushes new content to other devices
+    /// (`keep_pushed` there) before committing it as absent.
+    pub fn set_online_only(&self, on: bool) {
+        self.inner.online_only.store(on, Ordering::Relaxed);
+    }
+
+    /// See `set_online_only`.
+    pub fn is_online_only(&self) -> bool {
+        self.inner.online_only.load(Ordering::Relaxed)
     }
 
     /// Calls `f` with every chunk stored (or landed) on this device, and returns how many
@@ -684,6 +784,50 @@ impl Store {
             }
         }
         Ok(n)
+    }
+
+    /// The plaintext length of a chunk this device references, held or not.
+    pub fn chunk_len(&self, id: &ChunkId) -> Result<Option<u32>> {
+        match self.inner.backend.get(Cf::Refs, &id.0)? {
+            Some(v) => Ok(Some(records::decode::<RefRecord>("chunk ref", &v)?.len)),
+            None => Ok(None),
+        }
+    }
+
+    /// True if the chunk is on this device's disk (not only landed or cached).
+    pub fn is_stored(&self, id: &ChunkId) -> Result<bool> {
+        Ok(match self.inner.backend.get(Cf::Refs, &id.0)? {
+            Some(v) => records::decode::<RefRecord>("chunk ref", &v)?.stored > 0,
+            None => false,
+        })
+    }
+
+    /// True if `chunk` can read the chunk without another device: stored, landed, or in
+    /// the cache (where an online-only device keeps what it fetched).
+    pub fn is_readable(&self, id: &ChunkId) -> Result<bool> {
+        if self.inner.cache.peek(id).is_some() {
+            return Ok(true);
+        }
+        self.has_chunk(id)
+    }
+
+    /// Stores absent chunks this device references and can read (fetched, landed or
+    /// cached) on its disk, even on an online-only device: an open file that loses its last
+    /// name here must stay readable after the devices holding its content delete it.
+    pub fn keep_here(&self, chunks: &[(ChunkId, u32)]) -> Result<()> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for &(id, len) in chunks {
+            let landed = self.inner.landed.lock().chunks.get(&id).cloned();
+            let (encoded, plain) = match landed {
+                Some(x) => x,
+                None => {
+                    let plain = self.chunk(&id, len)?;
+                    (chunk::encode(&plain), plain)
+                }
+            };
+            out.push((id, encoded, plain));
+        }
+        self.put_fetched(&out).map(|_| ())
     }
 
     /// True if the chunk is stored on this device (or landed, see `land_fetched`).
@@ -780,7 +924,7 @@ impl Store {
         let token = staging.token;
         let mut markers = Vec::new();
         let mut data = Vec::new();
-        for c in chunks.iter().filter(|c| c.staged.is_none()) {
+        for c in chunks.iter().filter(|c| c.staged.is_none() && !c.elsewhere) {
             if let Some(e) = &c.encoded {
                 markers.push((
                     Cf::Pending,
@@ -800,7 +944,7 @@ impl Store {
         // that `unstage` drops the markers again.
         for c in chunks
             .iter_mut()
-            .filter(|c| c.staged.is_none() && c.encoded.is_some())
+            .filter(|c| c.staged.is_none() && !c.elsewhere && c.encoded.is_some())
         {
             c.staged = Some(token);
         }
@@ -992,13 +1136,29 @@ impl Store {
     }
 }
 
+/// How long a chunk another device pushed here is kept without an op referencing it.
+const PUSHED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Removes pending markers (and unreferenced staged data) left by a crash between staging
-/// chunks and the commit that would have referenced them.
+/// chunks and the commit that would have referenced them, and markers of pushed chunks no
+/// op claimed within `PUSHED_KEEP`.
 fn clean_staged(backend: &dyn Backend) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut batch = Vec::new();
     for item in backend.scan_from(Cf::Pending, &[]) {
-        let (k, _) = item?;
+        let (k, v) = item?;
         let id = &k[..32.min(k.len())];
+        let pushed = k.get(32).is_some_and(|t| t & 0x80 != 0);
+        // A pushed chunk is kept for its op unless it is too old, or a crash cut its data
+        // (the pusher was never told it was kept).
+        if pushed
+            && pushed_fields(&v).is_ok_and(|(t, ..)| t + PUSHED_KEEP.as_secs() > now)
+            && backend.get_chunk(id)?.is_some()
+        {
+            continue;
+        }
         if backend.get(Cf::Refs, id)?.is_none() {
             batch.push((Cf::Chunks, id.to_vec(), None));
         }

@@ -32,6 +32,40 @@ pub(crate) struct WriterState {
     pub(crate) vv_changed: bool,
 }
 
+/// Pending-marker tokens with this bit set mark chunks another device pushed here and has
+/// not referenced yet (`Store::keep_pushed`), one token per device; staging tokens never
+/// have it.
+pub(crate) const PUSHED_BIT: u64 = 1 << 63;
+
+/// The pending-marker token of chunks `device` pushed here.
+pub(crate) fn pushed_token(device: DeviceId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&device.0[..8]);
+    u64::from_be_bytes(b) | PUSHED_BIT
+}
+
+/// The value of a pushed chunk's marker: when it came (seconds since the epoch), its stored
+/// length and its plaintext length, big-endian.
+pub(crate) fn pushed_marker(stored: u32, len: u32) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut v = now.to_be_bytes().to_vec();
+    v.extend_from_slice(&stored.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// (when, stored length, plaintext length) of a pushed chunk's marker.
+pub(crate) fn pushed_fields(v: &[u8]) -> Result<(u64, u32, u32)> {
+    let bad = || StoreError::corrupt("pushed chunk marker of the wrong length");
+    let v: &[u8; 16] = v.try_into().map_err(|_| bad())?;
+    let at = u64::from_be_bytes(v[..8].try_into().map_err(|_| bad())?);
+    let stored = u32::from_be_bytes(v[8..12].try_into().map_err(|_| bad())?);
+    let len = u32::from_be_bytes(v[12..].try_into().map_err(|_| bad())?);
+    Ok((at, stored, len))
+}
+
 /// A chunk ready to be referenced: its id, plaintext, and (if it was new when prepared) its
 /// stored encoding.
 #[derive(Clone, Debug)]
@@ -44,6 +78,9 @@ pub struct PreparedChunk {
     pub encoded: Option<Bytes>,
     /// Set when `Store::stage` already stored the data: the token of its pending marker.
     pub staged: Option<u64>,
+    /// Set when another device stored the data for this commit (`Store::keep_pushed` there):
+    /// a new chunk is referenced as absent here, as content made elsewhere is.
+    pub elsewhere: bool,
 }
 
 impl PreparedChunk {
@@ -56,6 +93,7 @@ impl PreparedChunk {
             plain,
             encoded,
             staged: None,
+            elsewhere: false,
         }
     }
 }
@@ -318,6 +356,15 @@ impl<'a> Txn<'a> {
                 r.count += 1;
                 r
             }
+            Some(mut r) if c.elsewhere && c.staged.is_none() => {
+                r.count += 1;
+                r
+            }
+            None if c.elsewhere && c.staged.is_none() => RefRecord {
+                count: 1,
+                len,
+                stored: 0,
+            },
             absent => {
                 let count = absent.map_or(0, |r| r.count) + 1;
                 let stored = match (&c.encoded, c.staged) {
@@ -349,7 +396,8 @@ impl<'a> Txn<'a> {
 
     /// Adds one reference to a chunk that may not be stored here (content made on another
     /// device): an absent chunk is recorded with stored length 0 until it is fetched.
-    pub(crate) fn incref_id(&mut self, id: &ChunkId, len: u32) -> Result<()> {
+    /// `author` made the op that references it: a chunk it pushed here is settled.
+    pub(crate) fn incref_id(&mut self, id: &ChunkId, len: u32, author: DeviceId) -> Result<()> {
         let r = match self.refs(id)? {
             Some(mut r) => {
                 if r.len != len {
@@ -369,6 +417,44 @@ impl<'a> Txn<'a> {
             },
         };
         self.put(Cf::Refs, &id.0, records::encode(&r));
+        self.settle_pushed(id, author)
+    }
+
+    /// The op of `author` that references a chunk it pushed here (`Store::keep_pushed`) has
+    /// come: the marker that kept the chunk alive meanwhile goes, and its data counts as held.
+    fn settle_pushed(&mut self, id: &ChunkId, author: DeviceId) -> Result<()> {
+        let marker = key::pending(id, pushed_token(author));
+        let Some(v) = self.get(Cf::Pending, &marker)? else {
+            return Ok(());
+        };
+        self.delete(Cf::Pending, &marker);
+        let (_, stored, len) = pushed_fields(&v)?;
+        self.hold_pushed(id, stored, len)
+    }
+
+    /// Records the data of a pushed chunk (just written, `stored` bytes) as held if the chunk
+    /// is referenced here.
+    pub(crate) fn hold_pushed(&mut self, id: &ChunkId, stored: u32, len: u32) -> Result<()> {
+        let Some(mut r) = self.refs(id)? else {
+            return Ok(());
+        };
+        if len != r.len {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} was pushed with length {len}, not {}",
+                id.fmt_short(),
+                r.len
+            )));
+        }
+        let s = &mut self.state.stats;
+        if r.stored == 0 {
+            s.chunks += 1;
+            s.chunk_bytes += u64::from(r.len);
+        }
+        // The pushed data replaced what was stored (the same bytes, unless an encoder of
+        // another version chose differently).
+        s.stored_bytes = s.stored_bytes.saturating_sub(u64::from(r.stored)) + u64::from(stored);
+        r.stored = stored;
+        self.put(Cf::Refs, &id.0, records::encode(&r));
         Ok(())
     }
 
@@ -384,7 +470,9 @@ impl<'a> Txn<'a> {
         data: Option<Vec<u8>>,
     ) -> Result<()> {
         let Some(mut r) = self.refs(id)? else {
-            self.delete(Cf::Chunks, &id.0);
+            if !self.is_staged(id)? {
+                self.delete(Cf::Chunks, &id.0);
+            }
             return Ok(());
         };
         if r.stored > 0 {
@@ -437,9 +525,12 @@ impl<'a> Txn<'a> {
         };
         r.count = r.count.saturating_sub(1);
         if r.count == 0 && r.stored == 0 {
-            // Never fetched: nothing counted (data a crash left mid-fetch goes too).
+            // Never fetched: nothing counted (data a crash left mid-fetch goes too, unless a
+            // marker keeps it).
             self.delete(Cf::Refs, &id.0);
-            self.delete(Cf::Chunks, &id.0);
+            if !self.is_staged(id)? {
+                self.delete(Cf::Chunks, &id.0);
+            }
         } else if r.count == 0 {
             self.delete(Cf::Refs, &id.0);
             // A staged write of the same chunk is about to reference this data: keep it.

@@ -408,3 +408,107 @@ fn rocksdb_store_persists_across_reopen() {
     assert!(e.contains("in use"), "{e}");
     assert!(s.fsck().unwrap().is_clean());
 }
+
+/// Writes `data` as file `name` of `s` in one chunk; `elsewhere`: another device stored it.
+fn write_one(s: &Store, name: &str, data: &[u8], elsewhere: bool) -> u64 {
+    let f = mk(s, ROOT_INO, name, FileKind::File);
+    let mut c = chunk(data);
+    c.elsewhere = elsewhere;
+    let len = data.len() as u64;
+    s.commit(false, |tx| {
+        tx.replace_extents(
+            f,
+            (0, len),
+            &[NewExtent {
+                offset: 0,
+                chunk: c.clone(),
+            }],
+            len,
+            Timestamp::now(),
+        )
+    })
+    .unwrap();
+    f
+}
+
+#[test]
+fn pushed_chunks_are_kept_until_the_op_that_references_them() {
+    // Incompressible, so that a whole chunk skips the WAL.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    both(|a| {
+        const B: DeviceId = DeviceId([2; 16]);
+        let b = Store::in_memory(B, OWNER).unwrap();
+        for data in [&b"small, through the WAL"[..], &big[..262_144]] {
+            // A holds the data already, in a file it deletes before B's op comes.
+            let mine = write_one(a, "mine", data, false);
+            let c = chunk(data);
+            let pushed = (c.id, c.encoded.clone().unwrap(), data.len() as u32);
+            a.keep_pushed(B, vec![pushed]).unwrap();
+            a.commit(false, |tx| tx.unlink(ROOT_INO, b"mine", &|_| false))
+                .unwrap();
+            assert!(a.node(mine).unwrap().is_none());
+            // B, online-only, references it as absent: it holds nothing.
+            let theirs = write_one(&b, "theirs", data, true);
+            assert!(!b.has_chunk(&c.id).unwrap());
+            assert_eq!(b.stats().stored_bytes, 0);
+            // A serves it before B's op comes, and holds it once it has.
+            assert!(a.stored_chunk(&c.id).unwrap().is_some());
+            a.apply_remote(
+                &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
+                &|_| false,
+            )
+            .unwrap();
+            assert!(a.has_chunk(&c.id).unwrap());
+            let on_a = a.lookup(ROOT_INO, b"theirs").unwrap().unwrap().ino;
+            assert_eq!(read(a, on_a), data);
+            // Deleted on B: gone on A too, data included.
+            b.commit(false, |tx| tx.unlink(ROOT_INO, b"theirs", &|_| false))
+                .unwrap();
+            assert!(b.node(theirs).unwrap().is_none());
+            a.apply_remote(
+                &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
+                &|_| false,
+            )
+            .unwrap();
+            assert!(a.stored_chunk(&c.id).unwrap().is_none());
+        }
+        // A chunk whose op has not come is served, and survives until it does.
+        let c = chunk(&big[262_144..]);
+        let pushed = (c.id, c.encoded.clone().unwrap(), c.plain.len() as u32);
+        a.keep_pushed(B, vec![pushed]).unwrap();
+        assert_eq!(a.stored_chunk(&c.id).unwrap().unwrap().1, 300_000 - 262_144);
+        assert!(a.stored_chunk(&c.id).unwrap().is_some());
+        write_one(&b, "later", &big[262_144..], true);
+        a.apply_remote(
+            &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
+            &|_| false,
+        )
+        .unwrap();
+        let on_a = a.lookup(ROOT_INO, b"later").unwrap().unwrap().ino;
+        assert_eq!(read(a, on_a), &big[262_144..]);
+    });
+}
+
+#[test]
+fn pushed_chunks_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = chunk(b"pushed before a restart");
+    {
+        let s = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
+        let pushed = (c.id, c.encoded.clone().unwrap(), c.plain.len() as u32);
+        s.keep_pushed(DeviceId([2; 16]), vec![pushed]).unwrap();
+    }
+    let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let (data, len) = s.stored_chunk(&c.id).unwrap().unwrap();
+    assert_eq!(len as usize, c.plain.len());
+    assert_eq!(data, c.encoded.unwrap());
+    assert!(s.fsck().unwrap().is_clean());
+}

@@ -1,7 +1,8 @@
 //! Two real `pvfs mount` processes on 127.0.0.1, paired with `pvfs-admin invite` and
 //! `pvfs join`, connected by `--peer`: a file written on A is read byte-identical through B's
-//! mount (fetched from A on demand); names show on the other side at once; apps.sh passes on
-//! B's mount while it syncs with A; a reused token is refused.
+//! mount (fetched from A on demand); names show on the other side at once; B edits content
+//! only A holds; apps.sh passes on B's mount while B is online-only, so that A is the only
+//! holder of what it reads; a reused token is refused.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -41,8 +42,9 @@ fn pair(a: &Scratch, b: &Scratch) -> (Daemon, Daemon, String) {
     (da, db, token)
 }
 
-/// Like `pair`, with extra lines for the `[net]` table of B's config.
-fn pair_with(a: &Scratch, b: &Scratch, b_net: &str) -> (Daemon, Daemon, String, String) {
+/// Like `pair`, with lines appended to B's config (inside its `[net]` table, which comes
+/// last, unless they start another table).
+fn pair_with(a: &Scratch, b: &Scratch, b_extra: &str) -> (Daemon, Daemon, String, String) {
     // Port 0, then the port A got: a port picked here could be taken before A binds it.
     let da = Daemon::try_start(&a.data(), &a.mnt(), &[]).unwrap();
     let listen = da.listen_addr();
@@ -68,13 +70,13 @@ fn pair_with(a: &Scratch, b: &Scratch, b_net: &str) -> (Daemon, Daemon, String, 
         "join: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    if !b_net.is_empty() {
-        // `pvfs join` wrote `[net]` last: these lines go into it.
+    if !b_extra.is_empty() {
+        // `pvfs join` wrote `[net]` last.
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(b.data().join("config.toml"))
             .unwrap();
-        writeln!(f, "{b_net}").unwrap();
+        writeln!(f, "{b_extra}").unwrap();
     }
     let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen]).unwrap();
     (da, db, token, listen)
@@ -138,24 +140,11 @@ fn a_file_written_on_a_reads_identical_through_b() {
             .is_ok_and(|m| m.len() == size)),
         "B never saw the whole file"
     );
-    let big_b_str = big_b.to_string_lossy().to_string();
-    let out = db.admin(&["--json", "where", &big_b_str]);
-    assert!(
-        out.status.success(),
-        "where: {}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        held_bytes(&db, &big_b),
+        0,
+        "B holds none of it before reading"
     );
-    let where_b = String::from_utf8_lossy(&out.stdout).to_string();
-    let v: serde_json::Value = serde_json::from_str(&where_b).expect("where json");
-    let here = v["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["this_device"].as_bool() == Some(true))
-        .unwrap()["bytes"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(here, 0, "B holds none of it before reading: {where_b}");
     let t = Instant::now();
     assert_eq!(hash_file(&big_b), want, "B read different bytes");
     let secs = t.elapsed().as_secs_f64();
@@ -184,10 +173,96 @@ fn a_file_written_on_a_reads_identical_through_b() {
     assert_fsck_clean(&b.data());
 }
 
+/// `pvfs-admin --json where PATH` on the device of `d`.
+fn where_json(d: &Daemon, path: &std::path::Path) -> serde_json::Value {
+    let out = d.admin(&["--json", "where", &path.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "where: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("where json")
+}
+
+/// Bytes of `path` held by the device `this` says (`this_device`), by `where` on `d`.
+fn held_by(d: &Daemon, path: &std::path::Path, this: bool) -> u64 {
+    where_json(d, path)["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["this_device"].as_bool() == Some(this))
+        .map_or(0, |r| r["bytes"].as_u64().unwrap())
+}
+
+/// Bytes of `path` the device of `d` holds.
+fn held_bytes(d: &Daemon, path: &std::path::Path) -> u64 {
+    held_by(d, path, true)
+}
+
 #[test]
-fn apps_sh_passes_on_b_while_it_syncs_with_a() {
+fn b_edits_content_only_a_holds() {
+    use std::os::unix::fs::FileExt;
     let (a, b) = (Scratch::new(), Scratch::new());
     let (da, db, _) = pair(&a, &b);
+    // 8 MiB written on A: B sees its name and extents but holds none of its chunks.
+    let mut want = vec![0u8; 8 << 20];
+    fill(&mut want, &mut 0x2545_F491_4F6C_DD1Du64);
+    std::fs::write(a.mnt().join("edit.bin"), &want).unwrap();
+    let on_b = b.mnt().join("edit.bin");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::metadata(&on_b)
+            .is_ok_and(|m| m.len() == want.len() as u64)),
+        "B never saw edit.bin"
+    );
+    assert_eq!(held_bytes(&db, &on_b), 0, "B holds none of it yet");
+
+    // Edits on B that cut into chunks it does not hold: each commit fetches what it keeps of
+    // them from A. An overwrite in the middle, one across a chunk edge, a truncation
+    // mid-chunk and an extension.
+    let f = std::fs::OpenOptions::new().write(true).open(&on_b).unwrap();
+    for (off, fill_byte, len) in [(1_000_003u64, 0xA5u8, 10usize), (4_194_000, 0x5A, 70_000)] {
+        f.write_all_at(&vec![fill_byte; len], off).unwrap();
+        want[off as usize..off as usize + len].fill(fill_byte);
+    }
+    f.sync_all().unwrap();
+    f.set_len(6_000_001).unwrap();
+    want.truncate(6_000_001);
+    f.write_all_at(b"tail", 6_500_000).unwrap();
+    want.resize(6_500_000, 0);
+    want.extend_from_slice(b"tail");
+    drop(f);
+    let held = held_bytes(&db, &on_b);
+    assert!(
+        held < want.len() as u64 / 2,
+        "B fetched only the chunks it edited, not the file: holds {held}"
+    );
+    assert!(
+        std::fs::read(&on_b).unwrap() == want,
+        "B reads its edits wrong\nB: {}",
+        db.log_text()
+    );
+    // A sees B's edits (reading the new chunks from B).
+    let on_a = a.mnt().join("edit.bin");
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(&on_a)
+            .is_ok_and(|d| d == want)),
+        "A never saw B's edits\nA: {}\nB: {}",
+        da.log_text(),
+        db.log_text()
+    );
+    drop(db);
+    drop(da);
+    assert_fsck_clean(&a.data());
+    assert_fsck_clean(&b.data());
+}
+
+#[test]
+fn apps_sh_passes_on_b_while_a_holds_all_it_reads() {
+    let (a, b) = (Scratch::new(), Scratch::new());
+    // B is online-only: what apps.sh writes there is stored on A before close or fsync
+    // returns, B keeps none of it on disk, and a read that B's memory cannot answer fetches
+    // from A.
+    let (da, db, _, _) = pair_with(&a, &b, "[store]\nonline_only = true");
     let scratch = b.dir.path().join("apps-scratch");
     let out = Command::new("bash")
         .arg(shared().join("fstests/apps.sh"))
@@ -206,14 +281,32 @@ fn apps_sh_passes_on_b_while_it_syncs_with_a() {
         String::from_utf8_lossy(&out.stderr),
         db.log_text()
     );
-    // Everything apps.sh left on B reaches A; A reads it from B's store (A holds none of
-    // it): a full tree walk comparing every file's bytes.
     let work = std::fs::read_dir(b.mnt())
         .unwrap()
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().starts_with("apps-work"))
         .expect("apps.sh work dir kept")
         .file_name();
+    // A holds everything apps.sh left, B nothing; B read from A.
+    let work_b = b.mnt().join(&work);
+    let total = where_json(&db, &work_b)["bytes"].as_u64().unwrap();
+    assert!(total > 256 << 20, "apps.sh left {total} bytes");
+    assert!(
+        wait_until(Duration::from_secs(10), || held_bytes(&db, &work_b) == 0),
+        "B holds {} bytes of apps.sh's work\nB: {}",
+        held_bytes(&db, &work_b),
+        db.log_text()
+    );
+    assert_eq!(held_by(&db, &work_b, false), total, "A holds all of it");
+    let peers: serde_json::Value =
+        serde_json::from_slice(&db.admin(&["--json", "peers"]).stdout).expect("peers json");
+    let fetched = peers[0]["fetched_bytes"].as_u64().unwrap_or(0);
+    println!("B fetched {fetched} bytes from A; apps.sh left {total} bytes, all on A");
+    assert!(fetched > 0, "B read nothing from A: {peers}");
+    let stats: serde_json::Value =
+        serde_json::from_slice(&db.admin(&["--json", "stats"]).stdout).expect("stats json");
+    println!("B's store: {stats}");
+    // Both views agree: a full tree walk comparing every file's bytes (both read from A).
     let compare = || {
         Command::new("rsync")
             .args([

@@ -45,6 +45,7 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
             "mountpoint": node.mountpoint,
             "pid": std::process::id(),
             "uptime_secs": node.started.elapsed().as_secs(),
+            "online_only": node.store.is_online_only(),
             "stats": stats(&node.store),
         })),
         Request::Stats => Ok(stats(&node.store)),
@@ -161,6 +162,7 @@ pub fn print_human(req: &Request, v: &Value) {
                 "mountpoint",
                 "pid",
                 "uptime_secs",
+                "online_only",
             ] {
                 println!(
                     "{k:<12} {}",

@@ -80,6 +80,8 @@ pub struct StoreConfig {
     pub reserve_mb: u64,
     /// Per-file buffer before a background commit, MiB.
     pub commit_threshold_mb: u64,
+    /// Keep no file content on this device's disk.
+    pub online_only: bool,
 }
 
 impl Default for StoreConfig {
@@ -88,6 +90,7 @@ impl Default for StoreConfig {
             chunk_cache_mb: 256,
             reserve_mb: 192,
             commit_threshold_mb: 16,
+            online_only: false,
         }
     }
 }

@@ -350,6 +350,7 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     );
     prepare_mountpoint(&mountpoint)?;
     let store = open_store(&data, &config)?;
+    store.set_online_only(config.store.online_only);
     let fs_opts = FsOptions {
         commit_threshold: (config.store.commit_threshold_mb << 20) as usize,
         dirty_limit: (config.store.commit_threshold_mb << 22) as usize,

@@ -109,7 +109,9 @@ impl Fs {
             match &file {
                 Some(f) => f.truncate(&self.store, size)?,
                 None => {
-                    self.store.commit(false, |tx| tx.truncate(ino, size)).fs()?;
+                    self.remote.retrying(&self.store, ino, || {
+                        self.store.commit(false, |tx| tx.truncate(ino, size)).fs()
+                    })?;
                 }
             }
         }

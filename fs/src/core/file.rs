@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
-use pvfs_store::{is_zero, Ino, NewExtent, PreparedChunk, Staging, Store, Timestamp};
+use pvfs_store::{is_zero, ChunkId, Ino, NewExtent, PreparedChunk, Staging, Store, Timestamp};
 
+use super::remote::{Keeping, Remote};
 use super::{Attr, FsOptions};
 use crate::error::{FsError, Result, StoreResultExt};
 
@@ -60,6 +61,8 @@ pub(crate) struct FileState {
     dirty_total: Arc<AtomicU64>,
     /// (end of the last read, end of what read-ahead has asked for).
     read_ahead: Mutex<(u64, u64)>,
+    /// Where the content a commit must read comes from when it was made elsewhere.
+    remote: Arc<Remote>,
 }
 
 /// Most buffered bytes a commit may have to be run on the requesting thread (`Fs::is_light`):
@@ -206,8 +209,23 @@ fn copy_out<V: AsRef<[u8]>>(runs: &BTreeMap<u64, V>, off: u64, out: &mut [u8]) {
 
 /// Reads committed content of `ino` at `off` into `out` (holes read as zeros).
 pub(crate) fn read_committed(store: &Store, ino: Ino, off: u64, out: &mut [u8]) -> Result<()> {
+    read_committed_except(store, ino, off, out, &[])
+}
+
+/// `read_committed`, skipping the extents that lie inside one of `spans` (sorted, disjoint
+/// `(start, end)` ranges about to be overwritten): their bytes in `out` are left as they are.
+fn read_committed_except(
+    store: &Store,
+    ino: Ino,
+    off: u64,
+    out: &mut [u8],
+    spans: &[(u64, u64)],
+) -> Result<()> {
     let end = off + out.len() as u64;
     for (eoff, e) in store.extents(ino, off, end).fs()? {
+        if covered(spans, eoff, eoff + u64::from(e.len)) {
+            continue;
+        }
         let data = store.chunk(&e.chunk, e.len).map_err(|err| {
             if matches!(err, pvfs_store::StoreError::ChunkAbsent(_)) {
                 tracing::debug!(ino, offset = eoff, chunk = %e.chunk.fmt_short(), "content is on another device");
@@ -239,6 +257,7 @@ impl FileState {
         size: u64,
         opts: FsOptions,
         dirty_total: Arc<AtomicU64>,
+        remote: Arc<Remote>,
     ) -> FileState {
         FileState {
             ino,
@@ -251,6 +270,7 @@ impl FileState {
             opts,
             dirty_total,
             read_ahead: Mutex::new((0, 0)),
+            remote,
         }
     }
 
@@ -297,10 +317,21 @@ impl FileState {
         }
     }
 
-    /// True if committing this file now is quick: little is buffered and no commit runs.
-    pub(crate) fn commit_is_light(&self) -> bool {
-        let g = self.inner.lock();
-        g.dirty_bytes <= LIGHT_COMMIT_MAX && g.inflight.is_none() && !g.background
+    /// True if committing this file now is quick: little is buffered, no commit runs, and
+    /// the commit reads no content held elsewhere.
+    pub(crate) fn commit_is_light(&self, store: &Store) -> bool {
+        let spans = {
+            let g = self.inner.lock();
+            if g.dirty_bytes > LIGHT_COMMIT_MAX || g.inflight.is_some() || g.background {
+                return false;
+            }
+            // An online-only device's commit waits for another device to store the data.
+            if store.is_online_only() && !g.dirty.is_empty() {
+                return false;
+            }
+            spans(&g.dirty)
+        };
+        absent_under(store, self.ino, &spans).is_ok_and(|a| a.is_empty())
     }
 
     /// Buffers a write; may start a background commit or wait for one (back-pressure).
@@ -328,7 +359,8 @@ impl FileState {
             let spawned = std::thread::Builder::new()
                 .name("pvfs-commit".into())
                 .spawn(move || {
-                    if let Err(e) = me.flush(&store, false) {
+                    let res = super::remote::waiting_allowed(|| me.flush(&store, false));
+                    if let Err(e) = res {
                         tracing::warn!(ino = me.ino, "background commit failed: {e:#}");
                     }
                     me.inner.lock().background = false;
@@ -394,7 +426,15 @@ impl FileState {
             (runs, g.size, g.mtime.take())
         };
         let taken: usize = runs.values().map(Bytes::len).sum();
-        let res = commit_runs(store, self.ino, &runs, size, force, mtime);
+        // Content made elsewhere that the commit reads (the rest of chunks written in part)
+        // is fetched first, all at once; `retrying` catches what changed meanwhile.
+        let res = absent_under(store, self.ino, &spans(&runs))
+            .and_then(|absent| self.remote.fetch_wait(self.ino, &absent))
+            .and_then(|()| {
+                self.remote.retrying(store, self.ino, || {
+                    commit_runs(store, &self.remote, self.ino, &runs, size, force, mtime)
+                })
+            });
         let mut g = self.inner.lock();
         g.inflight = None;
         let mut kept = 0isize;
@@ -437,7 +477,7 @@ impl FileState {
         &self,
         store: &Store,
         before: impl FnOnce(&mut Runs) -> isize,
-        op: impl FnOnce() -> Result<T>,
+        op: impl FnMut() -> Result<T>,
     ) -> Result<T> {
         let _c = self.commit_lock.lock();
         {
@@ -447,7 +487,7 @@ impl FileState {
             self.account(delta);
         }
         self.flush_locked(store, true)?;
-        let out = op()?;
+        let out = self.remote.retrying(store, self.ino, op)?;
         let committed = store.node(self.ino).fs()?.map_or(0, |n| n.size);
         let mut g = self.inner.lock();
         let dirty_end = g
@@ -481,24 +521,24 @@ impl FileState {
     }
 }
 
-/// Chunks and commits `runs` (see the module doc). Returns the undecided tail that stays
-/// buffered (only without `force`).
-fn commit_runs(
-    store: &Store,
-    ino: Ino,
-    runs: &Frozen,
-    size: u64,
-    force: bool,
-    mtime: Option<Timestamp>,
-) -> Result<Vec<(u64, Vec<u8>)>> {
-    let node = store
-        .node(ino)
-        .fs()?
-        .ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
-    // Widen each run to the extents around it and merge what touches.
+/// The `(start, end)` ranges of buffered runs, in order.
+fn spans<V: AsRef<[u8]>>(runs: &BTreeMap<u64, V>) -> Vec<(u64, u64)> {
+    runs.iter()
+        .map(|(&k, v)| (k, k + v.as_ref().len() as u64))
+        .collect()
+}
+
+/// True if `[a, b)` lies inside one of `spans` (sorted, disjoint, never touching).
+fn covered(spans: &[(u64, u64)], a: u64, b: u64) -> bool {
+    let i = spans.partition_point(|&(s, _)| s <= a);
+    i > 0 && spans[i - 1].1 >= b
+}
+
+/// The regions a commit of buffered `spans` rewrites: each span widened to the extents
+/// around it, touching ones merged.
+fn regions(store: &Store, ino: Ino, spans: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
     let mut regions: Vec<(u64, u64)> = Vec::new();
-    for (&a, v) in runs {
-        let b = a + v.len() as u64;
+    for &(a, b) in spans {
         let s = match store.extents(ino, a, a + 1).fs()?.first() {
             Some(&(off, _)) if off < a => off,
             _ => a,
@@ -512,11 +552,51 @@ fn commit_runs(
             _ => regions.push((s, e)),
         }
     }
+    Ok(regions)
+}
+
+/// The chunks a commit of buffered `spans` has to read and this device does not hold:
+/// those of the extents the spans overwrite only in part.
+fn absent_under(store: &Store, ino: Ino, spans: &[(u64, u64)]) -> Result<Vec<(ChunkId, u32)>> {
+    let mut out: Vec<(ChunkId, u32)> = Vec::new();
+    for (s, e) in regions(store, ino, spans)? {
+        if covered(spans, s, e) {
+            continue;
+        }
+        for (off, x) in store.extents(ino, s, e).fs()? {
+            if !covered(spans, off, off + u64::from(x.len))
+                && !out.iter().any(|(id, _)| *id == x.chunk)
+                && !store.is_readable(&x.chunk).fs()?
+            {
+                out.push((x.chunk, x.len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Chunks and commits `runs` (see the module doc). Returns the undecided tail that stays
+/// buffered (only without `force`).
+fn commit_runs(
+    store: &Store,
+    remote: &Remote,
+    ino: Ino,
+    runs: &Frozen,
+    size: u64,
+    force: bool,
+    mtime: Option<Timestamp>,
+) -> Result<Vec<(u64, Vec<u8>)>> {
+    let node = store
+        .node(ino)
+        .fs()?
+        .ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
+    let regions = regions(store, ino, &spans(runs))?;
     let mut edits = Vec::new();
     let mut leftover = Vec::new();
     let mut staging = Staging::new();
     let res = edit_regions(
         store,
+        remote,
         ino,
         runs,
         &regions,
@@ -569,6 +649,7 @@ fn commit_runs(
 #[allow(clippy::too_many_arguments)]
 fn edit_regions(
     store: &Store,
+    remote: &Remote,
     ino: Ino,
     runs: &Frozen,
     regions: &[(u64, u64)],
@@ -585,7 +666,7 @@ fn edit_regions(
             Some(run) if run.len() as u64 == e - s => run.clone(),
             _ => {
                 let mut buf = vec![0u8; (e - s) as usize];
-                read_committed(store, ino, s, &mut buf)?;
+                read_committed_except(store, ino, s, &mut buf, &spans(runs))?;
                 copy_out(runs, s, &mut buf);
                 Bytes::from(buf)
             }
@@ -624,7 +705,7 @@ fn edit_regions(
             }
             pos += len;
         }
-        let chunks = prepare_and_stage(store, pieces, staging)?;
+        let chunks = prepare_and_stage(store, remote, ino, pieces, staging)?;
         let extents = offsets
             .into_iter()
             .zip(chunks)
@@ -661,13 +742,18 @@ fn drop_staged<'a>(store: &Store, chunks: impl IntoIterator<Item = &'a PreparedC
 }
 
 /// Hashes and encodes `pieces` in parts; a part with enough new data is staged at once, so
-/// that its write overlaps hashing the next part (`Store::stage_part`).
+/// that its write overlaps hashing the next part (`Store::stage_part`). On an online-only
+/// device each part's new chunks go to another device instead, while the next part is
+/// hashed; a part no device took is staged here after all.
 fn prepare_and_stage(
     store: &Store,
+    remote: &Remote,
+    ino: Ino,
     pieces: Vec<Bytes>,
     staging: &mut Staging,
 ) -> Result<Vec<PreparedChunk>> {
     let mut out: Vec<PreparedChunk> = Vec::with_capacity(pieces.len());
+    let mut keeping: Vec<(std::ops::Range<usize>, Keeping)> = Vec::new();
     let mut part = Vec::new();
     let mut part_bytes = 0;
     let mut pieces = pieces.into_iter().peekable();
@@ -688,20 +774,81 @@ fn prepare_and_stage(
         };
         out.extend(prepared);
         part_bytes = 0;
-        let new_bytes: usize = out[first..]
-            .iter()
-            .filter_map(|c| c.encoded.as_ref())
-            .map(Bytes::len)
-            .sum();
-        if new_bytes >= STAGE_MIN_BYTES {
-            if let Err(e) = store.stage_part(staging, &mut out[first..]) {
-                // Markers of earlier parts (and of this one, if they were written) go again.
-                drop_staged(store, &out);
-                return Err(FsError::from_store(e));
+        if store.is_online_only() {
+            if let Some(k) = keep_start(remote, ino, &out[first..]) {
+                keeping.push((first..out.len(), k));
+                continue;
+            }
+        }
+        let end = out.len();
+        stage_if_large(store, staging, &mut out, first..end)?;
+    }
+    for (range, k) in keeping {
+        match k.wait() {
+            Ok(()) => {
+                for c in out[range].iter_mut().filter(|c| c.encoded.is_some()) {
+                    c.elsewhere = true;
+                }
+            }
+            Err(e) => {
+                warn_kept_here(ino, &e);
+                stage_if_large(store, staging, &mut out, range)?;
             }
         }
     }
     Ok(out)
+}
+
+/// Stages the chunks of `out[range]` if they hold enough new data; on failure drops what
+/// `out` staged before.
+fn stage_if_large(
+    store: &Store,
+    staging: &mut Staging,
+    out: &mut [PreparedChunk],
+    range: std::ops::Range<usize>,
+) -> Result<()> {
+    let new_bytes: usize = out[range.clone()]
+        .iter()
+        .filter_map(|c| c.encoded.as_ref())
+        .map(Bytes::len)
+        .sum();
+    if new_bytes >= STAGE_MIN_BYTES {
+        if let Err(e) = store.stage_part(staging, &mut out[range]) {
+            // Markers of earlier parts (and of this one, if they were written) go again.
+            drop_staged(store, &*out);
+            return Err(FsError::from_store(e));
+        }
+    }
+    Ok(())
+}
+
+/// On an online-only device: starts storing the new chunks among `chunks` on another
+/// device (none new: `None`). Once that is done, the commit references them as absent;
+/// when no device takes them they stay new here: content is never dropped for want of a
+/// peer.
+fn keep_start(remote: &Remote, ino: Ino, chunks: &[PreparedChunk]) -> Option<Keeping> {
+    let mut new: Vec<(ChunkId, Bytes, u32)> = Vec::new();
+    for c in chunks {
+        if let Some(e) = &c.encoded {
+            if !new.iter().any(|(id, ..)| *id == c.id) {
+                new.push((c.id, e.clone(), c.plain.len() as u32));
+            }
+        }
+    }
+    (!new.is_empty()).then(|| remote.keep_start(ino, new))
+}
+
+/// Logs that new content of `ino` stays on this device, once a minute at most: an offline
+/// device would log every close.
+fn warn_kept_here(ino: Ino, e: &FsError) {
+    static WARNED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let mut last = WARNED.lock();
+    if last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(ino, "new content stays on this device: {e:#}");
+    } else {
+        tracing::debug!(ino, "new content stays on this device: {e:#}");
+    }
 }
 
 #[cfg(test)]

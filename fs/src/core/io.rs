@@ -24,8 +24,10 @@ impl Fs {
     fn file_state(&self, ino: Ino, size: u64) -> Arc<FileState> {
         let opts = self.opts.clone();
         let dirty = self.dirty_total.clone();
-        self.inodes
-            .open(ino, || Arc::new(FileState::new(ino, size, opts, dirty)))
+        let remote = self.remote.clone();
+        self.inodes.open(ino, || {
+            Arc::new(FileState::new(ino, size, opts, dirty, remote))
+        })
     }
 
     pub(crate) fn handle_file(&self, fh: u64) -> Result<(Ino, Arc<FileState>)> {
@@ -67,7 +69,7 @@ impl Fs {
             Some(fh) => self.handle_file(fh).ok().map(|(_, f)| f),
             None => self.inodes.file(ino),
         };
-        let light_commit = file.is_none_or(|f| f.commit_is_light());
+        let light_commit = file.is_none_or(|f| f.commit_is_light(&self.store));
         light_commit
             && self
                 .store
@@ -81,6 +83,14 @@ impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let (_, file) = self.handle_file(fh)?;
         file.read(&self.store, offset, size)
+    }
+
+    /// `read`, fetching what content made elsewhere it finds absent (a file edited while
+    /// its reader waited for a fetch); only where waiting is allowed.
+    pub fn read_fetching(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let (ino, file) = self.handle_file(fh)?;
+        self.remote
+            .retrying(&self.store, ino, || file.read(&self.store, offset, size))
     }
 
     /// The chunks of the committed content of `fh` in `[offset, offset + len)` that are not
@@ -98,7 +108,7 @@ impl Fs {
             .extents(ino, offset, offset.saturating_add(len))
             .fs()?
         {
-            if !self.store.has_chunk(&e.chunk).fs()? {
+            if !self.store.is_readable(&e.chunk).fs()? {
                 out.push((e.chunk, e.len));
             }
         }

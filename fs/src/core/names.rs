@@ -6,10 +6,13 @@
 //! Must not: check permissions the kernel already checked (`default_permissions`).
 
 use crate::fs_err;
-use pvfs_store::{FileKind, Ino, NewNode, RenameFlags};
+use pvfs_store::{ChunkId, FileKind, Ino, NewNode, RenameFlags};
 
 use super::{Attr, Caller, Fs};
 use crate::error::{Result, StoreResultExt};
+
+/// Chunks with their plaintext lengths.
+type Chunks = Vec<(ChunkId, u32)>;
 
 impl Fs {
     /// Looks `name` up in `parent` and counts a kernel reference to the result.
@@ -142,6 +145,7 @@ impl Fs {
 
     /// `unlink`: removes a non-directory name.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.keep_open_victim(parent, name);
         let inodes = &self.inodes;
         self.store
             .commit(false, |tx| {
@@ -173,6 +177,9 @@ impl Fs {
                 "RENAME_NOREPLACE and RENAME_EXCHANGE together"
             ));
         }
+        if !exchange {
+            self.keep_open_victim(dp, dn);
+        }
         let inodes = &self.inodes;
         let flags = RenameFlags {
             noreplace,
@@ -183,6 +190,62 @@ impl Fs {
                 tx.rename(sp, sn, dp, dn, flags, &|ino| inodes.is_open(ino))
             })
             .fs()
+    }
+
+    /// True if removing `name` from `parent` (by unlink or a rename over it) first fetches
+    /// content made elsewhere: it is the last name of a file open here. The FUSE layer runs
+    /// such a removal where waiting is allowed.
+    pub fn removal_fetches(&self, parent: Ino, name: &[u8]) -> bool {
+        matches!(self.open_victim(parent, name), Ok(Some(_)))
+    }
+
+    /// Before the last name of a file open here goes: its content that is not on this
+    /// device's disk is fetched and stored here, so that the open file stays readable after
+    /// the devices holding that content delete it (they do once the op reaches them). Where
+    /// that cannot be done, the name goes anyway and the log says why.
+    fn keep_open_victim(&self, parent: Ino, name: &[u8]) {
+        let Ok(Some((ino, chunks))) = self.open_victim(parent, name) else {
+            return;
+        };
+        let missing: Vec<(ChunkId, u32)> = chunks
+            .iter()
+            .copied()
+            .filter(|(id, _)| !self.store.is_readable(id).unwrap_or(false))
+            .collect();
+        let res = self
+            .remote
+            .fetch_wait(ino, &missing)
+            .and_then(|()| self.store.keep_here(&chunks).fs());
+        if let Err(e) = res {
+            tracing::warn!(
+                ino,
+                "an open file loses its last name and its content stays on other devices: {e:#}"
+            );
+        }
+    }
+
+    /// The file `parent/name` and the chunks of it not stored here, if that is its last name,
+    /// it is open here, and some of its content is elsewhere.
+    fn open_victim(&self, parent: Ino, name: &[u8]) -> Result<Option<(Ino, Chunks)>> {
+        let Some(d) = self.store.lookup(parent, name).fs()? else {
+            return Ok(None);
+        };
+        if !self.inodes.is_open(d.ino) {
+            return Ok(None);
+        }
+        let n = self.node(d.ino)?;
+        if n.kind != FileKind::File || n.nlink > 1 {
+            return Ok(None);
+        }
+        let mut chunks: Vec<(ChunkId, u32)> = Vec::new();
+        for (_, e) in self.store.extents(d.ino, 0, u64::MAX).fs()? {
+            if !self.store.is_stored(&e.chunk).fs()? {
+                chunks.push((e.chunk, e.len));
+            }
+        }
+        chunks.sort_unstable_by_key(|c| c.0);
+        chunks.dedup();
+        Ok((!chunks.is_empty()).then_some((d.ino, chunks)))
     }
 
     /// `readlink`.

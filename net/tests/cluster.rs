@@ -456,3 +456,89 @@ async fn a_lying_peer_is_caught_and_another_holder_serves() {
     assert_eq!(got, Bytes::copy_from_slice(&content[..e.len as usize]));
     assert_eq!(ChunkId::of(&got), e.chunk);
 }
+
+/// `keep_elsewhere` from `d`, awaited.
+async fn keep(d: &Device, chunks: Vec<(ChunkId, Bytes, u32)>) -> pvfs_store::Result<()> {
+    use pvfs_store::ChunkSource;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    d.net.keep_elsewhere(
+        chunks,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_online_only_device_keeps_its_content_on_another() {
+    let devs = cluster(2);
+    let (a, b) = (&devs[0], &devs[1]);
+    b.store.set_online_only(true);
+    // Not connected: nothing takes it, at once.
+    let c = PreparedChunk::new(Bytes::from(data(200_000, 7)), true);
+    let pushed = (c.id, c.encoded.clone().unwrap(), c.plain.len() as u32);
+    assert!(keep(b, vec![pushed.clone()]).await.is_err());
+    connect(b, a);
+    eventually("b is connected", || b.net.is_connected(a.store.device())).await;
+    eventually("a is connected", || a.net.is_connected(b.store.device())).await;
+
+    // A chunk whose bytes do not match its id is refused, and nothing of its message kept.
+    let other = PreparedChunk::new(Bytes::from(data(1000, 8)), true);
+    let lie = (other.id, pushed.1.clone(), pushed.2);
+    let err = keep(b, vec![pushed.clone(), lie]).await.unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    assert!(a.store.stored_chunk(&c.id).unwrap().is_none());
+    assert!(a.store.stored_chunk(&other.id).unwrap().is_none());
+
+    // The real thing: A keeps it and serves it before any op references it.
+    keep(b, vec![pushed.clone()]).await.unwrap();
+    assert!(a.store.stored_chunk(&c.id).unwrap().is_some());
+    // B's file references it as absent; A holds it once B's op is there, and B reads it
+    // back from A.
+    let ino = b
+        .store
+        .commit(false, |tx| {
+            let (ino, _) = tx.create(
+                ROOT_INO,
+                b"thin",
+                NewNode {
+                    kind: FileKind::File,
+                    perm: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    target: None,
+                },
+            )?;
+            let mut chunk = c.clone();
+            chunk.elsewhere = true;
+            let len = chunk.plain.len() as u64;
+            tx.replace_extents(
+                ino,
+                (0, len),
+                &[NewExtent { offset: 0, chunk }],
+                len,
+                Timestamp::now(),
+            )?;
+            Ok(ino)
+        })
+        .unwrap();
+    assert!(!b.store.has_chunk(&c.id).unwrap());
+    eventually("A holds B's content", || {
+        lookup(&a.store, ROOT_INO, "thin").is_some() && a.store.is_stored(&c.id).unwrap()
+    })
+    .await;
+    assert_eq!(read_file(b, ino).await, c.plain.to_vec());
+    // Fetched on an online-only device: readable, not on its disk, not announced.
+    assert!(!b.store.is_stored(&c.id).unwrap());
+    assert!(b.store.is_readable(&c.id).unwrap());
+
+    // An online-only device keeps nothing for others.
+    a.store.set_online_only(true);
+    let d = PreparedChunk::new(Bytes::from(data(5000, 9)), true);
+    let err = keep(b, vec![(d.id, d.encoded.unwrap(), 5000)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("online-only"), "{err}");
+}

@@ -74,20 +74,21 @@ fn connect(a: &Device, b: &Device) {
     a.net.add_peer(b.net.local_addr().unwrap().to_string());
 }
 
+/// A new regular file owned by root.
+fn regular() -> NewNode {
+    NewNode {
+        kind: FileKind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: None,
+    }
+}
+
 fn write_file(s: &Store, dir: Ino, name: &str, data: &[u8]) -> Ino {
     s.commit(false, |tx| {
-        let (ino, _) = tx.create(
-            dir,
-            name.as_bytes(),
-            NewNode {
-                kind: FileKind::File,
-                perm: 0o644,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                target: None,
-            },
-        )?;
+        let (ino, _) = tx.create(dir, name.as_bytes(), regular())?;
         let mut exts = Vec::new();
         let mut off = 0;
         for piece in data.chunks(100_000) {
@@ -499,18 +500,7 @@ async fn an_online_only_device_keeps_its_content_on_another() {
     let ino = b
         .store
         .commit(false, |tx| {
-            let (ino, _) = tx.create(
-                ROOT_INO,
-                b"thin",
-                NewNode {
-                    kind: FileKind::File,
-                    perm: 0o644,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    target: None,
-                },
-            )?;
+            let (ino, _) = tx.create(ROOT_INO, b"thin", regular())?;
             let mut chunk = c.clone();
             chunk.elsewhere = true;
             let len = chunk.plain.len() as u64;

@@ -4,13 +4,16 @@
 //! Owns: both ends of a keep stream. The pushing end sends `Keep` messages of up to
 //! `KEEP_PART` bytes and waits for one `Kept` per message; the keeping end checks every
 //! chunk against its id, stores the message's chunks durably (`Store::keep_pushed`), then
-//! answers.
+//! answers and announces them to its peers (`Held`), so that others fetch them from it.
 //! Must not: trust what it receives (a chunk that does not match its id fails the stream and
 //! nothing of that message is stored), store anything on an online-only device, or touch
 //! the store on an async worker.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pvfs_store::{ChunkId, DeviceId, Store, MAX_CHUNK};
+use tokio::sync::broadcast;
 
 use crate::error::{NetError, Result};
 use crate::wire::{self, Message, Pushed, MAX_IDS};
@@ -18,9 +21,11 @@ use crate::wire::{self, Message, Pushed, MAX_IDS};
 /// Most encoded bytes in one `Keep` (a frame holds `wire::MAX_FRAME`).
 const KEEP_PART: usize = 4 << 20;
 
-/// Answers the `Keep`s of one stream from device `from`, `first` being the first one's.
+/// Answers the `Keep`s of one stream from device `from`, `first` being the first one's;
+/// what it keeps goes to `held`, for the other devices' holdings filters.
 pub(crate) async fn serve(
     store: Store,
+    held: broadcast::Sender<Arc<Vec<ChunkId>>>,
     from: DeviceId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -45,9 +50,10 @@ pub(crate) async fn serve(
             .await
             .map_err(|e| NetError::Connect(format!("keeping chunks: {e}")))?;
         match kept {
-            Ok(n) => {
-                tracing::debug!(device = %from.fmt_short(), chunks = n, "kept pushed chunks");
+            Ok(ids) => {
+                tracing::debug!(device = %from.fmt_short(), chunks = ids.len(), "kept pushed chunks");
                 wire::write_message(&mut send, &Message::Kept).await?;
+                let _ = held.send(Arc::new(ids));
             }
             Err(e) => {
                 let text: String = e.to_string().chars().take(wire::MAX_TEXT / 4).collect();
@@ -61,8 +67,8 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Checks and stores one `Keep`; returns how many chunks it held.
-fn keep(store: &Store, from: DeviceId, chunks: Vec<Pushed>) -> Result<usize> {
+/// Checks and stores one `Keep`; returns the ids it held.
+fn keep(store: &Store, from: DeviceId, chunks: Vec<Pushed>) -> Result<Vec<ChunkId>> {
     if store.is_online_only() {
         return Err(NetError::Connect(
             "this device is online-only: it keeps no content".into(),
@@ -78,9 +84,9 @@ fn keep(store: &Store, from: DeviceId, chunks: Vec<Pushed>) -> Result<usize> {
         }
         checked.push((c.id, c.data, c.len));
     }
-    let n = checked.len();
+    let ids = checked.iter().map(|c| c.0).collect();
     store.keep_pushed(from, checked)?;
-    Ok(n)
+    Ok(ids)
 }
 
 /// Stores `chunks` (id, stored encoding, plaintext length) on the device at the other end of

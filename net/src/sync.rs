@@ -728,7 +728,8 @@ impl Shared {
                     }
                     Ok(Some(Message::Has(ids))) => me.serve_has(send, ids).await,
                     Ok(Some(Message::Keep(chunks))) => {
-                        keep::serve(me.store.clone(), p.device, send, recv, chunks).await
+                        let held = me.held.clone();
+                        keep::serve(me.store.clone(), held, p.device, send, recv, chunks).await
                     }
                     Ok(Some(other)) => Err(NetError::Malformed(format!(
                         "a stream cannot start with {other:?}"

@@ -46,6 +46,10 @@ impl std::fmt::Debug for RocksBackend {
     }
 }
 
+/// Times a manual flush refused with TryAgain (a write stall) is tried again, the n-th time
+/// after n × 10 ms: about 20 s in all.
+const FLUSH_TRIES: u64 = 64;
+
 pub(crate) fn db_err(e: rocksdb::Error) -> StoreError {
     let msg = e.into_string();
     if is_no_space_message(&msg) {
@@ -88,6 +92,13 @@ fn cf_options(cf: Cf, cache: &Cache, opts: &RocksOptions) -> Options {
 }
 
 impl RocksBackend {
+    /// Flushes the chunks column family's memtable to blob files, waiting or not.
+    fn flush_chunks(&self, wait: bool) -> std::result::Result<(), rocksdb::Error> {
+        let mut flush = FlushOptions::default();
+        flush.set_wait(wait);
+        self.db.flush_cf_opt(self.cf(Cf::Chunks), &flush)
+    }
+
     pub(crate) fn open(path: &Path, opts: &RocksOptions) -> Result<RocksBackend> {
         let cache = Cache::new_lru_cache(opts.block_cache_bytes);
         let mut db_opts = Options::default();
@@ -278,17 +289,26 @@ impl Backend for RocksBackend {
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db.write_opt(wb, &wo).map_err(db_err)?;
-        let mut flush = FlushOptions::default();
-        flush.set_wait(false);
-        self.db.flush_cf_opt(cf, &flush).map_err(db_err)
+        // Only an early start: while writes stall, the waiting flush does it later.
+        match self.flush_chunks(false) {
+            Err(e) if e.kind() == rocksdb::ErrorKind::TryAgain => Ok(()),
+            other => other.map_err(db_err),
+        }
     }
     fn wait_chunks_durable(&self) -> Result<()> {
         // A waiting flush also waits for the memtables that earlier flushes made immutable.
-        let mut flush = FlushOptions::default();
-        flush.set_wait(true);
-        self.db
-            .flush_cf_opt(self.cf(Cf::Chunks), &flush)
-            .map_err(db_err)
+        // While writes are stopped (too many memtables waiting for earlier flushes) RocksDB
+        // refuses a manual flush with TryAgain; the stall ends as those flushes finish.
+        let mut tries = 0;
+        loop {
+            match self.flush_chunks(true) {
+                Err(e) if e.kind() == rocksdb::ErrorKind::TryAgain && tries < FLUSH_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10 * tries));
+                }
+                other => return other.map_err(db_err),
+            }
+        }
     }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
         Box::new(RocksSnapshot {

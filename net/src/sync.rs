@@ -37,6 +37,10 @@ const BATCH_BYTES: usize = 1 << 20;
 const REDIAL: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts to reach a peer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often an online-only device looks for content still on its disk to hand off.
+const HAND_OFF_EVERY: Duration = Duration::from_secs(2);
+/// Most stored bytes an online-only device hands off in one round.
+const HAND_OFF_BYTES: u64 = 64 << 20;
 
 /// Settings of the network layer.
 #[derive(Clone, Debug)]
@@ -364,6 +368,7 @@ impl Net {
                 }
             }
         });
+        tokio::spawn(hand_off(net.shared.clone()));
         let acceptor = net.clone();
         tokio::spawn(async move {
             while let Some(peer) = acceptor.shared.endpoint.accept().await {
@@ -1108,6 +1113,45 @@ impl Shared {
                         .map_err(|_| NetError::Connect("shutting down".into()));
                 }
             }
+        }
+    }
+}
+
+/// An online-only device's content that is on its disk (written while no device could take
+/// it, or before the device became online-only) goes to another device, then leaves the
+/// disk, a round of at most `HAND_OFF_BYTES` every `HAND_OFF_EVERY`.
+async fn hand_off(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(HAND_OFF_EVERY).await;
+        let store = shared.store.clone();
+        if !store.is_online_only()
+            || store.stats().stored_bytes == 0
+            || shared.sessions().is_empty()
+        {
+            continue;
+        }
+        let res = async {
+            let batch = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.evictable(HAND_OFF_BYTES))
+                    .await
+                    .map_err(blocking_err)??
+            };
+            if batch.is_empty() {
+                return Ok(0);
+            }
+            shared.keep_elsewhere(&batch).await?;
+            let ids: Vec<ChunkId> = batch.iter().map(|c| c.0).collect();
+            tokio::task::spawn_blocking(move || store.evict(&ids))
+                .await
+                .map_err(blocking_err)?
+                .map_err(NetError::from)
+        }
+        .await;
+        match res {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(freed, "handed content on this disk to another device"),
+            Err(e) => tracing::debug!("handing content to another device: {e}"),
         }
     }
 }

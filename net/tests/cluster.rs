@@ -532,3 +532,32 @@ async fn an_online_only_device_keeps_its_content_on_another() {
         .unwrap_err();
     assert!(err.to_string().contains("online-only"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_online_only_device_hands_off_what_it_wrote_alone() {
+    let devs = cluster(2);
+    let (a, b) = (&devs[0], &devs[1]);
+    b.store.set_online_only(true);
+    // Written while no device could take it: on B's disk.
+    let content = data(700_000, 11);
+    let ino = write_file(&b.store, ROOT_INO, "alone", &content);
+    assert!(b.store.stats().stored_bytes > 0);
+    connect(b, a);
+    let ids: Vec<ChunkId> = b
+        .store
+        .extents(ino, 0, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.chunk)
+        .collect();
+    eventually("B handed its content to A", || {
+        b.store.stats().stored_bytes == 0 && ids.iter().all(|id| a.store.is_stored(id).unwrap())
+    })
+    .await;
+    assert_eq!(read_file(b, ino).await, content);
+    assert_eq!(b.store.stats().stored_bytes, 0);
+    for d in [a, b] {
+        let report = d.store.fsck().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+}

@@ -752,6 +752,49 @@ impl Store {
         })
     }
 
+    /// For an online-only device: up to about `max_bytes` of chunks stored here that may
+    /// go to another device and leave this one (all but those of files open without a
+    /// name), as (id, stored encoding, plaintext length).
+    pub fn evictable(&self, max_bytes: u64) -> Result<Vec<(ChunkId, Bytes, u32)>> {
+        let keep = self.reader().orphan_chunks()?;
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let snap = self.snapshot();
+        for item in snap.scan_from(Cf::Refs, &[]) {
+            let (k, v) = item?;
+            let r: RefRecord = records::decode("chunk ref", &v)?;
+            let Ok(id) = <[u8; 32]>::try_from(k.as_slice()).map(ChunkId) else {
+                continue;
+            };
+            if r.stored == 0 || keep.contains(&id) {
+                continue;
+            }
+            let Some(data) = self.inner.backend.get_chunk(&id.0)? else {
+                continue;
+            };
+            bytes += data.len() as u64;
+            out.push((id, Bytes::from(data), r.len));
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the data of `chunks` from this device's disk, once another device holds them
+    /// (`keep_pushed` there): they stay referenced, as absent. Chunks of files open without
+    /// a name stay. Returns the stored bytes freed.
+    pub fn evict(&self, chunks: &[ChunkId]) -> Result<u64> {
+        self.commit(false, |tx| {
+            let keep = tx.orphan_chunks()?;
+            let mut freed = 0;
+            for id in chunks.iter().filter(|id| !keep.contains(id)) {
+                freed += tx.evict(id)?;
+            }
+            Ok(freed)
+        })
+    }
+
     /// Keeps no file content on disk: fetched chunks stay in memory (`persist_landed`
     /// only caches them), and the filesystem pushes new content to other devices
     /// (`keep_pushed` there) before committing it as absent.

@@ -498,6 +498,41 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Drops the data of a chunk held here, which stays referenced, as absent (another
+    /// device holds it). Returns the stored bytes freed.
+    pub(crate) fn evict(&mut self, id: &ChunkId) -> Result<u64> {
+        let Some(mut r) = self.refs(id)? else {
+            return Ok(0);
+        };
+        if r.stored == 0 {
+            return Ok(0);
+        }
+        let freed = u64::from(r.stored);
+        if !self.is_staged(id)? {
+            self.delete(Cf::Chunks, &id.0);
+        }
+        let s = &mut self.state.stats;
+        s.chunks = s.chunks.saturating_sub(1);
+        s.chunk_bytes = s.chunk_bytes.saturating_sub(u64::from(r.len));
+        s.stored_bytes = s.stored_bytes.saturating_sub(freed);
+        self.freed_bytes += freed;
+        r.stored = 0;
+        self.put(Cf::Refs, &id.0, records::encode(&r));
+        Ok(freed)
+    }
+
+    /// The chunks of files open without a name (orphans): their content must stay here.
+    pub(crate) fn orphan_chunks(&self) -> Result<std::collections::HashSet<ChunkId>> {
+        let mut out = std::collections::HashSet::new();
+        for (k, _) in self.scan(Cf::Orphans, &[], &[0xff; 9], usize::MAX)? {
+            let ino = key::ino_of(&k)?;
+            for (_, e) in self.extents(ino, 0, u64::MAX)? {
+                out.insert(e.chunk);
+            }
+        }
+        Ok(out)
+    }
+
     /// True if a staged, not yet committed, write of this chunk exists.
     pub(crate) fn is_staged(&self, id: &ChunkId) -> Result<bool> {
         let mut end = id.0.to_vec();

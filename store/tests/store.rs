@@ -512,3 +512,23 @@ fn pushed_chunks_survive_a_restart() {
     assert_eq!(data, c.encoded.unwrap());
     assert!(s.fsck().unwrap().is_clean());
 }
+
+#[test]
+fn evicted_chunks_stay_referenced_and_orphans_keep_theirs() {
+    both(|s| {
+        let kept = write_one(s, "open", b"content of a file open without a name", false);
+        write_one(s, "gone", b"content another device holds now", false);
+        s.commit(false, |tx| tx.unlink(ROOT_INO, b"open", &|ino| ino == kept))
+            .unwrap();
+        let all: Vec<_> = s.evictable(u64::MAX).unwrap();
+        assert_eq!(all.len(), 1, "the orphan's chunk is not offered");
+        let before = s.stats().stored_bytes;
+        let ids: Vec<_> = all.iter().map(|c| c.0).collect();
+        assert_eq!(s.evict(&ids).unwrap(), all[0].1.len() as u64);
+        assert_eq!(s.stats().stored_bytes, before - all[0].1.len() as u64);
+        assert!(!s.is_stored(&ids[0]).unwrap());
+        assert_eq!(s.chunk_len(&ids[0]).unwrap(), Some(32));
+        assert_eq!(read(s, kept), b"content of a file open without a name");
+        s.commit(false, |tx| tx.release_orphan(kept)).unwrap();
+    });
+}

@@ -287,7 +287,8 @@ fn apps_sh_passes_on_b_while_a_holds_all_it_reads() {
         .find(|e| e.file_name().to_string_lossy().starts_with("apps-work"))
         .expect("apps.sh work dir kept")
         .file_name();
-    // A holds everything apps.sh left, B nothing; B read from A.
+    // A holds everything apps.sh left, B nothing (what a busy A could not take at once is
+    // handed off moments later); B read from A.
     let work_b = b.mnt().join(&work);
     let total = where_json(&db, &work_b)["bytes"].as_u64().unwrap();
     assert!(total > 256 << 20, "apps.sh left {total} bytes");

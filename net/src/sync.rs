@@ -1119,15 +1119,19 @@ impl Shared {
 
 /// An online-only device's content that is on its disk (written while no device could take
 /// it, or before the device became online-only) goes to another device, then leaves the
-/// disk, a round of at most `HAND_OFF_BYTES` every `HAND_OFF_EVERY`.
+/// disk, a round of at most `HAND_OFF_BYTES` every `HAND_OFF_EVERY`. A round that hands
+/// off nothing (all refused, or only chunks of open files left) doubles the pause, up to
+/// `MAX_BACKOFF`: each round reads the disk.
 async fn hand_off(shared: Arc<Shared>) {
+    let mut pause = HAND_OFF_EVERY;
     loop {
-        tokio::time::sleep(HAND_OFF_EVERY).await;
+        tokio::time::sleep(pause).await;
         let store = shared.store.clone();
-        if !store.is_online_only()
-            || store.stats().stored_bytes == 0
-            || shared.sessions().is_empty()
-        {
+        if !store.is_online_only() || store.stats().stored_bytes == 0 {
+            pause = HAND_OFF_EVERY;
+            continue;
+        }
+        if shared.sessions().is_empty() {
             continue;
         }
         let res = async {
@@ -1149,9 +1153,15 @@ async fn hand_off(shared: Arc<Shared>) {
         }
         .await;
         match res {
-            Ok(0) => {}
-            Ok(freed) => tracing::info!(freed, "handed content on this disk to another device"),
-            Err(e) => tracing::debug!("handing content to another device: {e}"),
+            Ok(0) => pause = (pause * 2).min(MAX_BACKOFF),
+            Ok(freed) => {
+                pause = HAND_OFF_EVERY;
+                tracing::info!(freed, "handed content on this disk to another device");
+            }
+            Err(e) => {
+                pause = (pause * 2).min(MAX_BACKOFF);
+                tracing::debug!("handing content to another device: {e}");
+            }
         }
     }
 }

@@ -293,7 +293,7 @@ fn apps_sh_passes_on_b_while_a_holds_all_it_reads() {
     let total = where_json(&db, &work_b)["bytes"].as_u64().unwrap();
     assert!(total > 256 << 20, "apps.sh left {total} bytes");
     assert!(
-        wait_until(Duration::from_secs(10), || held_bytes(&db, &work_b) == 0),
+        wait_until(Duration::from_secs(60), || held_bytes(&db, &work_b) == 0),
         "B holds {} bytes of apps.sh's work\nB: {}",
         held_bytes(&db, &work_b),
         db.log_text()

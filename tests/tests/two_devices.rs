@@ -250,6 +250,31 @@ fn b_edits_content_only_a_holds() {
         da.log_text(),
         db.log_text()
     );
+
+    // A file open on B loses its last name there while only A holds its content: B keeps
+    // the content first, so the open file still reads right after A has deleted it.
+    let mut gone = vec![0u8; 1 << 20];
+    fill(&mut gone, &mut 0x1234_5678_9ABC_DEF1u64);
+    std::fs::write(a.mnt().join("gone.bin"), &gone).unwrap();
+    let gone_b = b.mnt().join("gone.bin");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::metadata(&gone_b)
+            .is_ok_and(|m| m.len() == gone.len() as u64)),
+        "B never saw gone.bin"
+    );
+    let mut open = std::fs::File::open(&gone_b).unwrap();
+    std::fs::remove_file(&gone_b).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !a
+            .mnt()
+            .join("gone.bin")
+            .exists()),
+        "A never saw the delete"
+    );
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).unwrap();
+    assert!(got == gone, "the open file reads wrong after its delete");
+    drop(open);
     drop(db);
     drop(da);
     assert_fsck_clean(&a.data());

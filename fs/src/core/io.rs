@@ -89,8 +89,16 @@ impl Fs {
     /// its reader waited for a fetch); only where waiting is allowed.
     pub fn read_fetching(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let (ino, file) = self.handle_file(fh)?;
-        self.remote
-            .retrying(&self.store, ino, || file.read(&self.store, offset, size))
+        match file.read(&self.store, offset, size) {
+            Err(e) if e.is_absent() => {
+                // Everything absent in the range at once, then whatever changes meanwhile.
+                let (_, absent) = self.absent_chunks(fh, offset, u64::from(size))?;
+                self.remote.fetch_wait(ino, &absent)?;
+                self.remote
+                    .retrying(&self.store, ino, || file.read(&self.store, offset, size))
+            }
+            res => res,
+        }
     }
 
     /// The chunks of the committed content of `fh` in `[offset, offset + len)` that are not

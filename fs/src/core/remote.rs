@@ -21,9 +21,9 @@ use pvfs_store::{ChunkId, ChunkSource, Ino, Store};
 use crate::error::{FsError, Result, StoreResultExt};
 use crate::fs_err;
 
-/// Most rounds of fetch-and-retry one operation gets: each round fetches what the last one
-/// lacked, so only content changing underneath (a peer's edit, one round each) needs more
-/// than two.
+/// Most rounds of fetch-and-retry one operation gets: each round fetches the chunk the last
+/// one stopped at. A truncation needs one, a hole punch two, a range copy up to four (the
+/// edges of both ranges); content changing underneath (a peer's edit) costs more.
 const MAX_ROUNDS: usize = 8;
 
 thread_local! {

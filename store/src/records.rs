@@ -381,6 +381,13 @@ pub(crate) mod key {
         k
     }
 
+    /// An upper bound of the pending-marker keys of `id` (they start with `id.0`).
+    pub(crate) fn pending_end(id: &ChunkId) -> Vec<u8> {
+        let mut end = id.0.to_vec();
+        end.extend_from_slice(&[0xff; 9]);
+        end
+    }
+
     /// Move-log key: clock, device, sequence number, index of the move within the op; the
     /// order is the total order in which ops are applied.
     pub(crate) fn mv(hlc: Hlc, op: OpId, idx: u8) -> [u8; 33] {

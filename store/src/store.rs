@@ -24,7 +24,8 @@ use crate::records::{
     StatsRecord, FORMAT_VERSION,
 };
 use crate::txn::{
-    pushed_fields, pushed_marker, pushed_token, PreparedChunk, Txn, WriterState, PUSHED_BIT,
+    is_pushed_marker, pushed_fields, pushed_marker, pushed_token, unix_secs, PreparedChunk, Txn,
+    WriterState, PUSHED_BIT,
 };
 use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
 
@@ -664,11 +665,7 @@ impl Store {
         if let Some((e, p)) = self.inner.landed.lock().chunks.get(id) {
             return Ok(Some((e.clone(), p.len() as u32)));
         }
-        let held = match self.inner.backend.get(Cf::Refs, &id.0)? {
-            Some(v) => Some(records::decode::<RefRecord>("chunk ref", &v)?),
-            None => None,
-        };
-        let Some(held) = held.filter(|r| r.stored > 0) else {
+        let Some(held) = self.ref_record(id)?.filter(|r| r.stored > 0) else {
             return self.pushed_chunk(id);
         };
         Ok(self
@@ -680,15 +677,14 @@ impl Store {
 
     /// A chunk another device pushed here and no op references yet: (encoding, length).
     fn pushed_chunk(&self, id: &ChunkId) -> Result<Option<(Bytes, u32)>> {
-        let mut end = id.0.to_vec();
-        end.extend_from_slice(&[0xff; 9]);
+        let end = key::pending_end(id);
         let markers = self
             .inner
             .backend
             .scan(Cf::Pending, &id.0, Some(&end), false);
         for item in markers {
             let (k, v) = item?;
-            if k.get(32..40).is_some_and(|t| t[0] & 0x80 != 0) {
+            if is_pushed_marker(&k) {
                 let (_, _, len) = pushed_fields(&v)?;
                 return Ok(self
                     .inner
@@ -829,20 +825,23 @@ impl Store {
         Ok(n)
     }
 
+    /// The reference record of a chunk, if this device references it.
+    fn ref_record(&self, id: &ChunkId) -> Result<Option<RefRecord>> {
+        self.inner
+            .backend
+            .get(Cf::Refs, &id.0)?
+            .map(|v| records::decode("chunk ref", &v))
+            .transpose()
+    }
+
     /// The plaintext length of a chunk this device references, held or not.
     pub fn chunk_len(&self, id: &ChunkId) -> Result<Option<u32>> {
-        match self.inner.backend.get(Cf::Refs, &id.0)? {
-            Some(v) => Ok(Some(records::decode::<RefRecord>("chunk ref", &v)?.len)),
-            None => Ok(None),
-        }
+        Ok(self.ref_record(id)?.map(|r| r.len))
     }
 
     /// True if the chunk is on this device's disk (not only landed or cached).
     pub fn is_stored(&self, id: &ChunkId) -> Result<bool> {
-        Ok(match self.inner.backend.get(Cf::Refs, &id.0)? {
-            Some(v) => records::decode::<RefRecord>("chunk ref", &v)?.stored > 0,
-            None => false,
-        })
+        Ok(self.ref_record(id)?.is_some_and(|r| r.stored > 0))
     }
 
     /// True if `chunk` can read the chunk without another device: stored, landed, or in
@@ -878,10 +877,7 @@ impl Store {
         if self.inner.landed.lock().chunks.contains_key(id) {
             return Ok(true);
         }
-        Ok(match self.inner.backend.get(Cf::Refs, &id.0)? {
-            Some(v) => records::decode::<RefRecord>("chunk ref", &v)?.stored > 0,
-            None => false,
-        })
+        self.is_stored(id)
     }
 
     /// Hashes a chunk and, if it is not stored yet, encodes it, so that the commit that
@@ -1186,14 +1182,12 @@ const PUSHED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// chunks and the commit that would have referenced them, and markers of pushed chunks no
 /// op claimed within `PUSHED_KEEP`.
 fn clean_staged(backend: &dyn Backend) -> Result<()> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_secs();
     let mut batch = Vec::new();
     for item in backend.scan_from(Cf::Pending, &[]) {
         let (k, v) = item?;
         let id = &k[..32.min(k.len())];
-        let pushed = k.get(32).is_some_and(|t| t & 0x80 != 0);
+        let pushed = is_pushed_marker(&k);
         // A pushed chunk is kept for its op unless it is too old, or a crash cut its data
         // (the pusher was never told it was kept).
         if pushed

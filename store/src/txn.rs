@@ -44,13 +44,22 @@ pub(crate) fn pushed_token(device: DeviceId) -> u64 {
     u64::from_be_bytes(b) | PUSHED_BIT
 }
 
+/// True if a pending-marker key is that of a pushed chunk (its token has `PUSHED_BIT`).
+pub(crate) fn is_pushed_marker(key: &[u8]) -> bool {
+    key.get(32..40)
+        .and_then(|t| <[u8; 8]>::try_from(t).ok())
+        .is_some_and(|t| u64::from_be_bytes(t) & PUSHED_BIT != 0)
+}
+
+/// Seconds since the epoch, now (0 before it).
+pub(crate) fn unix_secs() -> u64 {
+    Timestamp::now().sec.max(0) as u64
+}
+
 /// The value of a pushed chunk's marker: when it came (seconds since the epoch), its stored
 /// length and its plaintext length, big-endian.
 pub(crate) fn pushed_marker(stored: u32, len: u32) -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut v = now.to_be_bytes().to_vec();
+    let mut v = unix_secs().to_be_bytes().to_vec();
     v.extend_from_slice(&stored.to_be_bytes());
     v.extend_from_slice(&len.to_be_bytes());
     v
@@ -535,8 +544,7 @@ impl<'a> Txn<'a> {
 
     /// True if a staged, not yet committed, write of this chunk exists.
     pub(crate) fn is_staged(&self, id: &ChunkId) -> Result<bool> {
-        let mut end = id.0.to_vec();
-        end.extend_from_slice(&[0xff; 9]);
+        let end = key::pending_end(id);
         Ok(!self.scan(Cf::Pending, &id.0, &end, 1)?.is_empty())
     }
 

@@ -331,7 +331,9 @@ impl FileState {
             }
             spans(&g.dirty)
         };
-        absent_under(store, self.ino, &spans).is_ok_and(|a| a.is_empty())
+        regions(store, self.ino, &spans)
+            .and_then(|r| absent_under(store, self.ino, &r, &spans))
+            .is_ok_and(|a| a.is_empty())
     }
 
     /// Buffers a write; may start a background commit or wait for one (back-pressure).
@@ -426,15 +428,9 @@ impl FileState {
             (runs, g.size, g.mtime.take())
         };
         let taken: usize = runs.values().map(Bytes::len).sum();
-        // Content made elsewhere that the commit reads (the rest of chunks written in part)
-        // is fetched first, all at once; `retrying` catches what changed meanwhile.
-        let res = absent_under(store, self.ino, &spans(&runs))
-            .and_then(|absent| self.remote.fetch_wait(self.ino, &absent))
-            .and_then(|()| {
-                self.remote.retrying(store, self.ino, || {
-                    commit_runs(store, &self.remote, self.ino, &runs, size, force, mtime)
-                })
-            });
+        let res = self.remote.retrying(store, self.ino, || {
+            commit_runs(store, &self.remote, self.ino, &runs, size, force, mtime)
+        });
         let mut g = self.inner.lock();
         g.inflight = None;
         let mut kept = 0isize;
@@ -555,11 +551,16 @@ fn regions(store: &Store, ino: Ino, spans: &[(u64, u64)]) -> Result<Vec<(u64, u6
     Ok(regions)
 }
 
-/// The chunks a commit of buffered `spans` has to read and this device does not hold:
-/// those of the extents the spans overwrite only in part.
-fn absent_under(store: &Store, ino: Ino, spans: &[(u64, u64)]) -> Result<Vec<(ChunkId, u32)>> {
+/// The chunks a commit of buffered `spans` (widened to `regions`) has to read and this
+/// device does not hold: those of the extents the spans overwrite only in part.
+fn absent_under(
+    store: &Store,
+    ino: Ino,
+    regions: &[(u64, u64)],
+    spans: &[(u64, u64)],
+) -> Result<Vec<(ChunkId, u32)>> {
     let mut out: Vec<(ChunkId, u32)> = Vec::new();
-    for (s, e) in regions(store, ino, spans)? {
+    for &(s, e) in regions {
         if covered(spans, s, e) {
             continue;
         }
@@ -590,7 +591,11 @@ fn commit_runs(
         .node(ino)
         .fs()?
         .ok_or_else(|| fs_err!(ENOENT, "file {ino} is gone"))?;
-    let regions = regions(store, ino, &spans(runs))?;
+    let spans = spans(runs);
+    let regions = regions(store, ino, &spans)?;
+    // Content made elsewhere that the commit reads (the rest of chunks written in part) is
+    // fetched first, all at once; the caller's `retrying` catches what changes meanwhile.
+    remote.fetch_wait(ino, &absent_under(store, ino, &regions, &spans)?)?;
     let mut edits = Vec::new();
     let mut leftover = Vec::new();
     let mut staging = Staging::new();
@@ -659,6 +664,7 @@ fn edit_regions(
     leftover: &mut Vec<(u64, Vec<u8>)>,
 ) -> Result<()> {
     let n_regions = regions.len();
+    let spans = spans(runs);
     for (i, &(s, e)) in regions.iter().enumerate() {
         let buf = match runs.get(&s) {
             // The region is one buffered run (an append, a rewrite of whole chunks): cut the
@@ -666,7 +672,7 @@ fn edit_regions(
             Some(run) if run.len() as u64 == e - s => run.clone(),
             _ => {
                 let mut buf = vec![0u8; (e - s) as usize];
-                read_committed_except(store, ino, s, &mut buf, &spans(runs))?;
+                read_committed_except(store, ino, s, &mut buf, &spans)?;
                 copy_out(runs, s, &mut buf);
                 Bytes::from(buf)
             }

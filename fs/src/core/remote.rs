@@ -105,28 +105,19 @@ impl Remote {
     /// Starts storing `chunks` (id, stored encoding, plaintext length) of `ino` on another
     /// device; `Keeping::wait` returns once one has them durably.
     pub(crate) fn keep_start(&self, ino: Ino, chunks: Vec<(ChunkId, Bytes, u32)>) -> Keeping {
-        let (tx, rx) = mpsc::channel();
-        let failed = |e| Keeping {
-            ino,
-            rx: None,
-            failed: Some(e),
-        };
         if !may_wait() {
-            return failed(fs_err!(
+            return Keeping(Err(fs_err!(
                 EIO,
                 "file {ino}: this thread may not wait for another device"
-            ));
+            )));
         }
         let Some(source) = self.get() else {
-            return failed(fs_err!(EIO, "file {ino}: no network is configured"));
+            return Keeping(Err(fs_err!(EIO, "file {ino}: no network is configured")));
         };
         tracing::debug!(ino, chunks = chunks.len(), "storing new content elsewhere");
+        let (tx, rx) = mpsc::channel();
         source.keep_elsewhere(chunks, Box::new(move |res| drop(tx.send(res))));
-        Keeping {
-            ino,
-            rx: Some(rx),
-            failed: None,
-        }
+        Keeping(Ok((ino, rx)))
     }
 
     /// Runs `op`; when it stops at a chunk that is not here, fetches that chunk and runs it
@@ -155,28 +146,22 @@ impl Remote {
     }
 }
 
-/// A transfer of new content to another device (`Remote::keep_start`).
+/// A transfer of new content of a file to another device (`Remote::keep_start`), or why
+/// none started.
 #[derive(Debug)]
-pub(crate) struct Keeping {
-    ino: Ino,
-    rx: Option<mpsc::Receiver<pvfs_store::Result<()>>>,
-    failed: Option<FsError>,
-}
+pub(crate) struct Keeping(Result<(Ino, mpsc::Receiver<pvfs_store::Result<()>>)>);
 
 impl Keeping {
     /// Waits until another device has the content durably, or the transfer failed.
     pub(crate) fn wait(self) -> Result<()> {
-        let ino = self.ino;
-        if let Some(e) = self.failed {
-            return Err(e);
-        }
-        match self.rx.map(|rx| rx.recv()) {
-            Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(FsError::new(
+        let (ino, rx) = self.0?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(FsError::new(
                 libc::EIO,
                 format!("file {ino}: no other device took its new content: {e}"),
             )),
-            _ => Err(fs_err!(EIO, "file {ino}: the transfer was dropped")),
+            Err(_) => Err(fs_err!(EIO, "file {ino}: the transfer was dropped")),
         }
     }
 }

@@ -11,9 +11,6 @@ use pvfs_store::{ChunkId, FileKind, Ino, NewNode, RenameFlags};
 use super::{Attr, Caller, Fs};
 use crate::error::{Result, StoreResultExt};
 
-/// Chunks with their plaintext lengths.
-type Chunks = Vec<(ChunkId, u32)>;
-
 impl Fs {
     /// Looks `name` up in `parent` and counts a kernel reference to the result.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
@@ -196,7 +193,14 @@ impl Fs {
     /// content made elsewhere: it is the last name of a file open here. The FUSE layer runs
     /// such a removal where waiting is allowed.
     pub fn removal_fetches(&self, parent: Ino, name: &[u8]) -> bool {
-        matches!(self.open_victim(parent, name), Ok(Some(_)))
+        let Ok(Some(ino)) = self.open_victim(parent, name) else {
+            return false;
+        };
+        // Stops at the first chunk not stored here: one lookup per chunk at most.
+        self.store.extents(ino, 0, u64::MAX).is_ok_and(|exts| {
+            exts.iter()
+                .any(|(_, e)| !self.store.is_stored(&e.chunk).unwrap_or(true))
+        })
     }
 
     /// Before the last name of a file open here goes: its content that is not on this
@@ -204,18 +208,18 @@ impl Fs {
     /// the devices holding that content delete it (they do once the op reaches them). Where
     /// that cannot be done, the name goes anyway and the log says why.
     fn keep_open_victim(&self, parent: Ino, name: &[u8]) {
-        let Ok(Some((ino, chunks))) = self.open_victim(parent, name) else {
+        let Ok(Some(ino)) = self.open_victim(parent, name) else {
             return;
         };
-        let missing: Vec<(ChunkId, u32)> = chunks
-            .iter()
-            .copied()
-            .filter(|(id, _)| !self.store.is_readable(id).unwrap_or(false))
-            .collect();
-        let res = self
-            .remote
-            .fetch_wait(ino, &missing)
-            .and_then(|()| self.store.keep_here(&chunks).fs());
+        let res = self.not_stored(ino).and_then(|chunks| {
+            let missing: Vec<(ChunkId, u32)> = chunks
+                .iter()
+                .copied()
+                .filter(|(id, _)| !self.store.is_readable(id).unwrap_or(false))
+                .collect();
+            self.remote.fetch_wait(ino, &missing)?;
+            self.store.keep_here(&chunks).fs()
+        });
         if let Err(e) = res {
             tracing::warn!(
                 ino,
@@ -224,9 +228,8 @@ impl Fs {
         }
     }
 
-    /// The file `parent/name` and the chunks of it not stored here, if that is its last name,
-    /// it is open here, and some of its content is elsewhere.
-    fn open_victim(&self, parent: Ino, name: &[u8]) -> Result<Option<(Ino, Chunks)>> {
+    /// The file `parent/name`, if that is its last name and it is open here.
+    fn open_victim(&self, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
         let Some(d) = self.store.lookup(parent, name).fs()? else {
             return Ok(None);
         };
@@ -234,18 +237,20 @@ impl Fs {
             return Ok(None);
         }
         let n = self.node(d.ino)?;
-        if n.kind != FileKind::File || n.nlink > 1 {
-            return Ok(None);
-        }
+        Ok((n.kind == FileKind::File && n.nlink <= 1).then_some(d.ino))
+    }
+
+    /// The chunks of `ino` that are not on this device's disk, each once.
+    fn not_stored(&self, ino: Ino) -> Result<Vec<(ChunkId, u32)>> {
         let mut chunks: Vec<(ChunkId, u32)> = Vec::new();
-        for (_, e) in self.store.extents(d.ino, 0, u64::MAX).fs()? {
+        for (_, e) in self.store.extents(ino, 0, u64::MAX).fs()? {
             if !self.store.is_stored(&e.chunk).fs()? {
                 chunks.push((e.chunk, e.len));
             }
         }
         chunks.sort_unstable_by_key(|c| c.0);
         chunks.dedup();
-        Ok((!chunks.is_empty()).then_some((d.ino, chunks)))
+        Ok(chunks)
     }
 
     /// `readlink`.

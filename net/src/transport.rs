@@ -2,7 +2,10 @@
 //!
 //! Owns: the quinn endpoint (server and client roles on one UDP socket), its transport
 //! parameters (keep-alive, idle timeout, stream limits), and turning a handshake into a
-//! `Peer` whose device id comes from the verified certificate.
+//! `Peer` whose device id comes from the verified certificate. Incoming handshakes run
+//! side by side (at most `MAX_HANDSHAKES` at once, each for at most `HANDSHAKE_TIMEOUT`), in
+//! a task that lives as long as the endpoint: a stranger that starts handshakes and never
+//! finishes them delays no one else's.
 //! Must not: decide whom to trust (`tls` does), or interpret streams (sync and fetch do).
 
 use std::net::SocketAddr;
@@ -23,12 +26,19 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent bidirectional streams a peer may open.
 const MAX_STREAMS: u32 = 256;
+/// Incoming handshakes under way at once at most; more are refused at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// An incoming handshake not done by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections accepted but not yet taken by `accept`.
+const ACCEPTED_QUEUE: usize = 64;
 
 /// A QUIC endpoint of this device.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     inner: quinn::Endpoint,
     members: Arc<dyn Members>,
+    accepted: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Peer>>>,
 }
 
 /// A connection to a member device, authenticated by its certificate.
@@ -73,7 +83,13 @@ impl Endpoint {
         client.transport_config(transport());
         let mut inner = quinn::Endpoint::server(server, bind)?;
         inner.set_default_client_config(client);
-        Ok(Endpoint { inner, members })
+        let (tx, rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
+        tokio::spawn(handshakes(inner.clone(), members.clone(), tx));
+        Ok(Endpoint {
+            inner,
+            members,
+            accepted: Arc::new(tokio::sync::Mutex::new(rx)),
+        })
     }
 
     /// The address the endpoint listens on.
@@ -94,20 +110,9 @@ impl Endpoint {
     }
 
     /// The next incoming connection from a member; `None` once the endpoint is closed.
-    /// Handshakes that fail (non-members, garbage) are logged and skipped.
+    /// Handshakes that fail (non-members, garbage, too slow) are logged and skipped.
     pub async fn accept(&self) -> Option<Peer> {
-        while let Some(incoming) = self.inner.accept().await {
-            let from = incoming.remote_address();
-            let res = match incoming.await {
-                Ok(conn) => self.peer(conn),
-                Err(e) => Err(NetError::Connect(e.to_string())),
-            };
-            match res {
-                Ok(p) => return Some(p),
-                Err(e) => tracing::info!(%from, "refused an incoming connection: {e}"),
-            }
-        }
-        None
+        self.accepted.lock().await.recv().await
     }
 
     /// Closes every connection and stops accepting.
@@ -115,26 +120,63 @@ impl Endpoint {
         self.inner.close(0u32.into(), b"shutting down");
     }
 
-    /// The verified device at the other end of `conn`. Membership is checked once more,
-    /// so nothing that slips past a verifier (a resumed session, a revocation racing the
-    /// handshake) gets a `Peer`.
     fn peer(&self, conn: quinn::Connection) -> Result<Peer> {
-        let certs = conn
-            .peer_identity()
-            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-            .ok_or_else(|| NetError::Connect("peer presented no certificate".into()))?;
-        let cert = certs
-            .first()
-            .ok_or_else(|| NetError::Connect("peer presented no certificate".into()))?;
-        let device = tls::device_of_cert(cert)?;
-        if !self.members.is_member(&device) {
-            conn.close(1u32.into(), b"not a member");
-            return Err(NetError::Connect(format!(
-                "device {device} is not a member"
-            )));
-        }
-        Ok(Peer { device, conn })
+        member_peer(&*self.members, conn)
     }
+}
+
+/// Runs incoming handshakes side by side, bounded in number and time, and queues the
+/// members' connections for `Endpoint::accept`; ends when the endpoint closes.
+async fn handshakes(
+    endpoint: quinn::Endpoint,
+    members: Arc<dyn Members>,
+    accepted: tokio::sync::mpsc::Sender<Peer>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    while let Some(incoming) = endpoint.accept().await {
+        let from = incoming.remote_address();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::info!(%from, "refused an incoming connection: too many handshakes under way");
+            incoming.refuse();
+            continue;
+        };
+        let (members, accepted) = (members.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let res = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => member_peer(&*members, conn),
+                Ok(Err(e)) => Err(NetError::Connect(e.to_string())),
+                Err(_) => Err(NetError::Connect("the handshake took too long".into())),
+            };
+            drop(slot);
+            match res {
+                Ok(p) => {
+                    let _ = accepted.send(p).await;
+                }
+                Err(e) => tracing::info!(%from, "refused an incoming connection: {e}"),
+            }
+        });
+    }
+}
+
+/// The verified device at the other end of `conn`. Membership is checked once more, so
+/// nothing that slips past a verifier (a resumed session, a revocation racing the handshake)
+/// gets a `Peer`.
+fn member_peer(members: &dyn Members, conn: quinn::Connection) -> Result<Peer> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| NetError::Connect("peer presented no certificate".into()))?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| NetError::Connect("peer presented no certificate".into()))?;
+    let device = tls::device_of_cert(cert)?;
+    if !members.is_member(&device) {
+        conn.close(1u32.into(), b"not a member");
+        return Err(NetError::Connect(format!(
+            "device {device} is not a member"
+        )));
+    }
+    Ok(Peer { device, conn })
 }
 
 #[cfg(test)]
@@ -224,5 +266,49 @@ mod tests {
             e.close();
         }
         assert!(accepted.try_recv().is_err(), "only b was ever accepted");
+    }
+
+    /// Never answers in time: a client whose handshakes stall on it.
+    #[derive(Debug)]
+    struct Stuck;
+
+    impl Members for Stuck {
+        fn is_member(&self, _: &DeviceId) -> bool {
+            std::thread::sleep(Duration::from_secs(120));
+            false
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_handshakes_do_not_delay_a_member() {
+        let (a, b, stranger) = (new_cert(), new_cert(), new_cert());
+        let members = set(&[a.device(), b.device()]);
+        let ea = Endpoint::bind(localhost(), &a, members.clone()).unwrap();
+        let eb = Endpoint::bind(localhost(), &b, members.clone()).unwrap();
+        let addr = ea.local_addr().unwrap();
+        let _accepted = echo_server(ea.clone());
+        // A stranger starts 100 handshakes from a runtime of its own, then stalls them all:
+        // its check of A's certificate never returns.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let es = Endpoint::bind(localhost(), &stranger, Arc::new(Stuck)).unwrap();
+                for _ in 0..100 {
+                    let es = es.clone();
+                    tokio::spawn(async move { es.connect(addr).await });
+                }
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            });
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        assert_eq!(talks(&eb, addr).await, Some(a.device()));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "a member waited {took:?}");
+        ea.close();
+        eb.close();
     }
 }

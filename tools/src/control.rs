@@ -75,6 +75,15 @@ pub async fn serve(path: &Path, node: Arc<Node>) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Only the owner of the data directory may talk to its daemon, whatever the socket's
+    // mode says (a mode can be changed; the kernel's word on the caller cannot).
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        std::fs::metadata(dir)
+            .with_context(|| format!("reading the owner of {}", dir.display()))?
+            .uid()
+    };
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -84,6 +93,21 @@ pub async fn serve(path: &Path, node: Arc<Node>) -> anyhow::Result<()> {
                 continue;
             }
         };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == owner => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    owner,
+                    "refused an admin connection from another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("refused an admin connection: its credentials: {e}");
+                continue;
+            }
+        }
         let node = node.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, node).await {

@@ -43,8 +43,13 @@ enum Cmd {
     },
     /// Join an existing namespace with a token from `pvfs-admin invite` (no mount).
     Join {
-        /// The invitation token.
-        token: String,
+        /// The invitation token, or `-` to read it from standard input (a token on the
+        /// command line can be read by other local users from /proc until it is used).
+        #[arg(required_unless_present = "token_file", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// Read the invitation token from this file.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// Data directory (default $PVFS_DATA or ~/.local/share/pvfs).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -80,7 +85,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             peers,
         }),
-        Cmd::Join { token, data, name } => {
+        Cmd::Join {
+            token,
+            token_file,
+            data,
+            name,
+        } => {
+            let token = read_token(token, token_file)?;
             let data = DataDir::resolve(data)?;
             let store = daemon::join(&data, &token, name.as_deref())?;
             println!("{}", store.device());
@@ -93,6 +104,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The invitation token: given, from standard input (`-`), or from a file.
+fn read_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let text = match (token.as_deref(), file) {
+        (Some("-"), _) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .take(64 << 10)
+                .read_to_string(&mut s)
+                .context("reading the token from standard input")?;
+            s
+        }
+        (Some(t), _) => t.to_string(),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the token from {}", path.display()))?,
+        (None, None) => anyhow::bail!("no invitation token: give it, `-` or --token-file"),
+    };
+    let token = text.trim();
+    anyhow::ensure!(!token.is_empty(), "the invitation token is empty");
+    Ok(token.to_string())
 }
 
 fn main() {

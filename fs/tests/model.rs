@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
 use pvfs_fs::{Caller, Fs, FsOptions, SetAttrRequest};
-use pvfs_store::{DeviceId, FileKind, Ino, RootOwner, Store, ROOT_INO};
+use pvfs_store::{FileKind, Ino, RootOwner, Store, ROOT_INO};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const ROOT: Caller = Caller { uid: 0, gid: 0 };
@@ -428,7 +428,8 @@ proptest! {
 
     #[test]
     fn fs_core_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        let store = Store::in_memory(DeviceId([7; 16]), RootOwner { uid: 0, gid: 0 }).unwrap();
+        let key = std::sync::Arc::new(pvfs_store::DeviceKey::from_seed([7; 32]));
+        let store = Store::in_memory(key, RootOwner { uid: 0, gid: 0 }).unwrap();
         let real = Real { fs: Fs::new(store.clone(), small_buffers()).unwrap() };
         let mut model = Model::default();
         for op in &ops {

@@ -150,7 +150,7 @@ impl Inviter {
             })
             .await?;
         let port = endpoint.local_addr()?.port();
-        let secret: [u8; 16] = pvfs_store::random_bytes();
+        let secret: [u8; 16] = pvfs_store::os_random()?;
         let expires = unix_now() + ttl.as_secs().max(1);
         {
             let mut open = self.open.lock().expect("invites lock");
@@ -223,9 +223,11 @@ impl Inviter {
         let store = self.store.clone();
         let device = peer.device;
         let n = name.clone();
-        let cert = self.cert.clone();
-        tokio::task::spawn_blocking(move || {
-            store.commit(true, |tx| tx.set_member(device, &n, true, &*cert))
+        let (members, keys) = tokio::task::spawn_blocking(move || {
+            store.commit(true, |tx| tx.set_member(device, &n, true))?;
+            let members = store.member_ops()?;
+            let keys = store.device_keys(members.iter().map(|o| o.id.device))?;
+            Ok::<_, pvfs_store::StoreError>((members, keys))
         })
         .await
         .map_err(|e| NetError::Io(std::io::Error::other(e)))??;
@@ -233,6 +235,8 @@ impl Inviter {
         let welcome = Message::Welcome {
             namespace: self.store.namespace(),
             name: self.name.clone(),
+            members,
+            keys,
         };
         wire::write_message(&mut send, &welcome).await?;
         let _ = send.finish();
@@ -240,9 +244,21 @@ impl Inviter {
     }
 }
 
-/// The joining side: redeems `invite` as `cert`; returns the namespace id and the inviting
-/// device's name.
-pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<([u8; 16], String)> {
+/// What a joining device learns from its inviter.
+#[derive(Debug)]
+pub struct Welcome {
+    /// The namespace id.
+    pub namespace: [u8; 16],
+    /// The inviting device's name.
+    pub inviter_name: String,
+    /// The namespace's membership changes, signed by their authors (`Store::seed_members`).
+    pub members: Vec<pvfs_store::OpRecord>,
+    /// The public keys of their authors.
+    pub keys: Vec<[u8; pvfs_store::KEY_LEN]>,
+}
+
+/// The joining side: redeems `invite` as `cert`.
+pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<Welcome> {
     if invite.expires <= unix_now() {
         return Err(NetError::Connect("the invitation has expired".into()));
     }
@@ -264,7 +280,17 @@ pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<([u8
             wire::write_message(&mut send, &msg).await?;
             let _ = send.finish();
             match wire::read_message(&mut recv).await? {
-                Some(Message::Welcome { namespace, name }) => Ok((namespace, name)),
+                Some(Message::Welcome {
+                    namespace,
+                    name,
+                    members,
+                    keys,
+                }) => Ok(Welcome {
+                    namespace,
+                    inviter_name: name,
+                    members,
+                    keys,
+                }),
                 Some(Message::Error(e)) => Err(NetError::Connect(format!("refused: {e}"))),
                 other => Err(NetError::Malformed(format!("unexpected answer {other:?}"))),
             }

@@ -812,15 +812,18 @@ impl Shared {
             let (me, announcing) = (self.device, room.is_some());
             let read = tokio::task::spawn_blocking(move || {
                 let ops = store.ops_after(&have, BATCH_OPS)?;
+                let authors: std::collections::BTreeSet<DeviceId> =
+                    ops.iter().map(|o| o.id.device).collect();
+                let keys = store.device_keys(authors)?;
                 let held = if announcing {
                     own_held(&store, me, &ops)?
                 } else {
                     Vec::new()
                 };
-                Ok::<_, StoreError>((ops, held))
+                Ok::<_, StoreError>((ops, keys, held))
             })
             .await;
-            let (ops, held) = match read {
+            let (ops, keys, held) = match read {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::error!("reading the op log: {e}");
@@ -871,11 +874,14 @@ impl Shared {
             let n = ops.len();
             for (i, op) in ops.into_iter().enumerate() {
                 bytes += postcard::to_stdvec(&op).map_or(0, |v| v.len());
-                let e = peer_have.entry(op.id.device).or_default();
+                let e = peer_have.entry(op.id.writer()).or_default();
                 *e = (*e).max(op.id.seq);
                 batch.push(op);
                 if bytes >= BATCH_BYTES || i + 1 == n {
-                    let msg = Message::Ops(std::mem::take(&mut batch));
+                    let msg = Message::Ops {
+                        keys: keys.clone(),
+                        ops: std::mem::take(&mut batch),
+                    };
                     if let Err(e) = wire::write_message(&mut send, &msg).await {
                         tracing::debug!("pushing ops: {e}");
                         return;
@@ -921,7 +927,7 @@ impl Shared {
             };
             session.touch();
             let ops = match msg {
-                Message::Ops(ops) => ops,
+                Message::Ops { keys, ops } => (keys, ops),
                 Message::Holds(h) => {
                     tracing::debug!(device = %peer.device.fmt_short(), chunks = h.count(), "holdings");
                     *session.holdings.lock().expect("holdings lock") = Some(h);
@@ -943,13 +949,15 @@ impl Shared {
             };
             let store = self.store.clone();
             let is_open = self.hooks.is_open.clone();
+            let (keys, ops) = ops;
             let n = ops.len();
-            let applied = tokio::task::spawn_blocking(move || store.apply_remote(&ops, &*is_open))
-                .await
-                .map_err(blocking_err)?
-                .map_err(|e| {
-                    NetError::Malformed(format!("ops from {}: {e}", peer.device.fmt_short()))
-                })?;
+            let applied =
+                tokio::task::spawn_blocking(move || store.apply_remote(&ops, &keys, &*is_open))
+                    .await
+                    .map_err(blocking_err)?
+                    .map_err(|e| {
+                        NetError::Malformed(format!("ops from {}: {e}", peer.device.fmt_short()))
+                    })?;
             tracing::debug!(
                 device = %peer.device.fmt_short(),
                 received = n,

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use pvfs_store::{ChunkId, DeviceId, OpRecord, MAX_CHUNK};
+use pvfs_store::{ChunkId, DeviceId, OpRecord, Writer, KEY_LEN, MAX_CHUNK};
 
 use crate::error::{NetError, Result};
 use crate::holdings::Holdings;
@@ -20,7 +20,7 @@ use crate::holdings::Holdings;
 /// The QUIC ALPN protocol name.
 pub const ALPN: &[u8] = b"pvfs/1";
 /// The protocol version in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame body: a whole chunk fits with room to spare, and so does one op that
 /// shares the chunks of a large file (`copy_file_range` of 8 GiB: about 6 MiB of extents).
 pub const MAX_FRAME: usize = 8 << 20;
@@ -28,13 +28,16 @@ pub const MAX_FRAME: usize = 8 << 20;
 pub const MAX_OPS: usize = 4096;
 /// Most chunk ids in one `Want` or `Missing` message.
 pub const MAX_IDS: usize = 1024;
-/// Most entries in a version vector (devices of one namespace).
-pub const MAX_DEVICES: usize = 4096;
+/// Most entries in a version vector (writers: devices of one namespace, times the
+/// incarnations of each whose ops are held).
+pub const MAX_WRITERS: usize = 4096;
+/// Most public keys in one `Ops` message.
+pub const MAX_KEYS: usize = 1024;
 /// Longest error text.
 pub const MAX_TEXT: usize = 1024;
 
-/// How far one device has seen another's ops: (device, highest contiguous sequence number).
-pub type VersionVector = Vec<(DeviceId, u64)>;
+/// How far one device has seen the others' ops: (writer, highest contiguous sequence number).
+pub type VersionVector = Vec<(Writer, u64)>;
 
 /// The first message on a connection, in both directions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,8 +57,15 @@ pub struct Hello {
 pub enum Message {
     /// Introduces the sender; first on every connection.
     Hello(Hello),
-    /// Ops the receiver lacks, in each device's sequence order.
-    Ops(Vec<OpRecord>),
+    /// Ops the receiver lacks, in each writer's sequence order, with the public keys of
+    /// their authors (each op carries its author's signature).
+    Ops {
+        /// Ed25519 public keys of (some of) the ops' authors: each is used only for the
+        /// device id it derives.
+        keys: Vec<[u8; KEY_LEN]>,
+        /// The ops.
+        ops: Vec<OpRecord>,
+    },
     /// Asks for the plaintext of these chunks.
     Want(Vec<ChunkId>),
     /// One chunk as the sender stores it (the plaintext, or a zstd frame when that is
@@ -87,6 +97,11 @@ pub enum Message {
         namespace: [u8; 16],
         /// The inviting device's name.
         name: String,
+        /// Every membership change the inviting device holds, signed by its authors, so
+        /// that the new device trusts every member, not only its inviter.
+        members: Vec<OpRecord>,
+        /// The public keys of their authors.
+        keys: Vec<[u8; KEY_LEN]>,
     },
     /// The chunks the sender holds, as a filter (sync stream, once names are in sync).
     Holds(Holdings),
@@ -124,25 +139,42 @@ impl Message {
         };
         match self {
             Message::Hello(h) => {
-                over("version vector", h.have.len(), MAX_DEVICES)?;
-                let mut devices: Vec<&DeviceId> = h.have.iter().map(|(d, _)| d).collect();
-                devices.sort();
-                devices.dedup();
-                if devices.len() != h.have.len() {
+                over("version vector", h.have.len(), MAX_WRITERS)?;
+                let mut writers: Vec<&Writer> = h.have.iter().map(|(w, _)| w).collect();
+                writers.sort();
+                writers.dedup();
+                if writers.len() != h.have.len() {
                     return Err(NetError::Malformed(
-                        "version vector names a device twice".into(),
+                        "version vector names a writer twice".into(),
                     ));
                 }
                 Ok(())
             }
-            Message::Ops(ops) => over("ops", ops.len(), MAX_OPS),
+            Message::Ops { keys, ops } => {
+                over("keys", keys.len(), MAX_KEYS)?;
+                over("ops", ops.len(), MAX_OPS)?;
+                for op in ops {
+                    over("signature bytes", op.sig.len(), pvfs_store::SIG_LEN)?;
+                }
+                Ok(())
+            }
             Message::Want(ids) | Message::Missing(ids) => over("chunk ids", ids.len(), MAX_IDS),
             Message::Chunk { data, .. } => over("chunk bytes", data.len(), MAX_CHUNK),
             Message::Error(text) => over("error text bytes", text.len(), MAX_TEXT),
             Message::Has(ids) => over("chunk ids", ids.len(), MAX_IDS),
             Message::Holding(bits) => over("bitmap bytes", bits.len(), MAX_IDS.div_ceil(8)),
-            Message::Join { name, .. } | Message::Welcome { name, .. } => {
+            Message::Join { name, .. } => {
                 over("name bytes", name.len(), pvfs_store::MEMBER_NAME_MAX)
+            }
+            Message::Welcome {
+                name,
+                members,
+                keys,
+                ..
+            } => {
+                over("name bytes", name.len(), pvfs_store::MEMBER_NAME_MAX)?;
+                over("membership changes", members.len(), MAX_OPS)?;
+                over("keys", keys.len(), MAX_KEYS)
             }
             Message::Holds(h) => h.validate(),
             Message::Held(ids) => over("chunk ids", ids.len(), MAX_IDS),
@@ -300,13 +332,20 @@ mod tests {
         DeviceId([n; 16])
     }
 
+    fn writer(n: u8) -> Writer {
+        Writer {
+            device: device(n),
+            incarnation: u64::from(n) << 40,
+        }
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(Hello {
                 protocol: PROTOCOL_VERSION,
                 device: device(1),
                 namespace: [7; 32],
-                have: vec![(device(1), 10), (device(2), 0)],
+                have: vec![(writer(1), 10), (writer(2), 0)],
             }),
             Message::Want(vec![ChunkId([3; 32]), ChunkId([4; 32])]),
             Message::Chunk {
@@ -324,6 +363,8 @@ mod tests {
             Message::Welcome {
                 namespace: [9; 16],
                 name: "desktop".into(),
+                members: Vec::new(),
+                keys: vec![[1; 32]],
             },
             Message::Holds({
                 let mut h = Holdings::with_capacity(100);
@@ -389,16 +430,22 @@ mod tests {
         let ops = vec![OpRecord {
             id: OpId {
                 device: device(2),
+                incarnation: 5,
                 seq: 1,
             },
             hlc: Hlc(42),
+            prev: [3; 32],
             kind: OpKind::SetXattr {
                 node: pvfs_store::NodeId(1),
                 name: b"user.a".to_vec(),
                 value: Some(b"v".to_vec()),
             },
+            sig: vec![4; 64],
         }];
-        let msgs = vec![Message::Ops(ops)];
+        let msgs = vec![Message::Ops {
+            keys: vec![[6; 32]],
+            ops,
+        }];
         assert_eq!(roundtrip(&msgs).await, msgs);
     }
 
@@ -441,7 +488,7 @@ mod tests {
             protocol: 1,
             device: device(1),
             namespace: [0; 32],
-            have: vec![(device(3), 1), (device(3), 2)],
+            have: vec![(writer(3), 1), (writer(3), 2)],
         });
         assert!(decode(&postcard::to_stdvec(&twice).unwrap()).is_err());
     }

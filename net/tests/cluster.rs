@@ -50,11 +50,11 @@ fn cluster(n: usize) -> Vec<Device> {
     certs
         .iter()
         .map(|c| {
-            let store = Store::in_memory_in(c.device(), OWNER, NS).unwrap();
+            let store = Store::in_memory_in(c.clone(), OWNER, NS).unwrap();
             store
                 .commit(false, |tx| {
                     for (i, m) in certs.iter().enumerate() {
-                        tx.set_member(m.device(), &format!("dev{i}"), true, &**c)?;
+                        tx.set_member(m.device(), &format!("dev{i}"), true)?;
                     }
                     Ok(())
                 })
@@ -302,13 +302,11 @@ async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     let devs = cluster(2);
     write_file(&devs[0].store, ROOT_INO, "secret", b"for members only");
     // A device with a valid certificate that was never paired: same namespace id even.
-    let stranger_cert = cert();
-    let stranger_store = Store::in_memory_in(stranger_cert.device(), OWNER, NS).unwrap();
+    let stranger_cert = Arc::new(cert());
+    let stranger_store = Store::in_memory_in(stranger_cert.clone(), OWNER, NS).unwrap();
     for d in &devs {
         stranger_store
-            .commit(false, |tx| {
-                tx.set_member(d.cert.device(), "victim", true, &stranger_cert)
-            })
+            .commit(false, |tx| tx.set_member(d.cert.device(), "victim", true))
             .unwrap();
     }
     let stranger = Net::start(
@@ -339,9 +337,7 @@ async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     let gone = devs[1].cert.device();
     devs[0]
         .store
-        .commit(false, |tx| {
-            tx.set_member(gone, "dev1", false, &*devs[0].cert)
-        })
+        .commit(false, |tx| tx.set_member(gone, "dev1", false))
         .unwrap();
     assert!(!devs[0].store.is_member(&gone).unwrap());
     let probe = Endpoint::bind(
@@ -371,9 +367,7 @@ async fn a_lying_peer_is_caught_and_another_holder_serves() {
     let liar_cert = cert();
     for d in [a, b] {
         d.store
-            .commit(false, |tx| {
-                tx.set_member(liar_cert.device(), "liar", true, &*d.cert)
-            })
+            .commit(false, |tx| tx.set_member(liar_cert.device(), "liar", true))
             .unwrap();
     }
     let liar_members = Arc::new(pvfs_net::sync::StoreMembers(b.store.clone()));

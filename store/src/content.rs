@@ -216,6 +216,29 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Gives the empty file `ino` the content `extents` (offset, chunk, length: chunks this
+    /// store references already, held here or not) and size `size`, as a local edit.
+    pub(crate) fn fill_empty(
+        &mut self,
+        ino: Ino,
+        extents: Vec<(u64, ChunkId, u32)>,
+        size: u64,
+        mtime: Timestamp,
+    ) -> Result<()> {
+        let mut n = self.file_req(ino)?;
+        if n.size != 0 || !self.extents(ino, 0, u64::MAX)?.is_empty() {
+            return Err(StoreError::Invalid(format!("inode {ino} is not empty")));
+        }
+        let device = self.state.device;
+        for &(off, chunk, len) in &extents {
+            self.incref_id(&chunk, len, device)?;
+            self.put_extent(ino, off, ExtentRecord { chunk, len });
+        }
+        self.set_size(&mut n, size);
+        self.content_changed(ino, n, (0, size), extents, mtime);
+        Ok(())
+    }
+
     /// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`, sharing whole chunks
     /// instead of copying their bytes. Returns the number of bytes copied (short at the end of
     /// the source).

@@ -6,10 +6,11 @@
 //! running statistics.
 //! Must not: repair anything; it reports.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
+use crate::auth::{self, OpHash, GENESIS, KEY_LEN};
 use crate::chunk;
 use crate::error::Result;
 use crate::kv::{Cf, ReadView};
@@ -18,7 +19,7 @@ use crate::records::{
     StatsRecord,
 };
 use crate::store::Store;
-use crate::types::{ChunkId, FileKind, Ino, NodeId, ROOT_INO};
+use crate::types::{ChunkId, FileKind, Ino, NodeId, Writer, ROOT_INO};
 
 const MAX_PROBLEMS: usize = 1000;
 
@@ -386,35 +387,97 @@ impl Store {
             }
         }
 
-        // The op log of this device is gap-free up to the sequence counter.
-        let device = self.device();
-        let next_seq = meta(view, key::META_NEXT_SEQ)?;
-        let mut expect = 1u64;
+        // Every writer's ops are gap-free from 1 and form one hash chain, which ends where
+        // the store says it holds that writer (its heads, or this device's counters), and
+        // whose last op carries its author's signature (which vouches for the chain).
+        let mut ends: BTreeMap<Writer, (u64, OpHash)> = match view.get(Cf::Meta, key::META_HEADS)? {
+            Some(b) => records::decode("heads", &b)?,
+            None => BTreeMap::new(),
+        };
+        let own_seq = meta(view, key::META_NEXT_SEQ)?
+            .unwrap_or(1)
+            .saturating_sub(1);
+        if own_seq > 0 {
+            let w = Writer {
+                device: self.device(),
+                incarnation: meta(view, key::META_INCARNATION)?.unwrap_or(0),
+            };
+            let hash = view
+                .get(Cf::Meta, key::META_LAST_HASH)?
+                .and_then(|h| h.try_into().ok())
+                .unwrap_or(GENESIS);
+            ends.insert(w, (own_seq, hash));
+        }
+        let namespace = self.namespace();
+        let mut chain: Option<(Writer, u64, OpHash, Option<OpRecord>)> = None;
+        let mut finish =
+            |r: &mut FsckReport, chain: Option<(Writer, u64, OpHash, Option<OpRecord>)>| {
+                let Some((w, seq, hash, last)) = chain else {
+                    return;
+                };
+                match ends.remove(&w) {
+                    Some(end) if end == (seq, hash) => {}
+                    end => r.problem(format!(
+                        "ops of {} end at #{seq}, the store says {:?}",
+                        w.fmt_short(),
+                        end.map(|e| e.0)
+                    )),
+                }
+                let key = view
+                    .get(Cf::Meta, &key::device_key(&w.device))
+                    .ok()
+                    .flatten()
+                    .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok());
+                match (key, last) {
+                    (Some(key), Some(op)) => {
+                        if let Err(e) = auth::verify(&namespace, &key, &op) {
+                            r.problem(format!("last op of {}: {e}", w.fmt_short()));
+                        }
+                    }
+                    _ => r.problem(format!("no key for the author of {}", w.fmt_short())),
+                }
+            };
         for item in all(view, Cf::Oplog) {
             let (k, v) = item?;
             r.ops += 1;
-            match records::decode::<OpRecord>("op", &v) {
-                Ok(op) => {
-                    if k != key::op(op.id.device, op.id.seq) {
-                        r.problem(format!("op {:?} stored under another key", op.id));
-                    }
-                    if op.id.device == device {
-                        if op.id.seq != expect {
-                            r.problem(format!(
-                                "op log gap: seq {} where {expect} expected",
-                                op.id.seq
-                            ));
-                        }
-                        expect = op.id.seq + 1;
-                    }
+            let op = match records::decode::<OpRecord>("op", &v) {
+                Ok(op) => op,
+                Err(e) => {
+                    r.problem(format!("op: {e}"));
+                    continue;
                 }
-                Err(e) => r.problem(format!("op: {e}")),
+            };
+            if k != key::op_id(op.id) {
+                r.problem(format!("op {} stored under another key", op.id.fmt_short()));
             }
+            let w = op.id.writer();
+            if chain.as_ref().is_none_or(|c| c.0 != w) {
+                finish(&mut r, chain.take());
+                chain = Some((w, 0, GENESIS, None));
+            }
+            let c = chain.as_mut().expect("set above");
+            if op.id.seq != c.1 + 1 {
+                r.problem(format!(
+                    "op log gap: {} where #{} expected",
+                    op.id.fmt_short(),
+                    c.1 + 1
+                ));
+            }
+            if op.prev != c.2 {
+                r.problem(format!(
+                    "op {} breaks its writer's hash chain",
+                    op.id.fmt_short()
+                ));
+            }
+            c.1 = op.id.seq;
+            c.2 = auth::op_hash(&op);
+            c.3 = Some(op);
         }
-        if next_seq != Some(expect) {
+        finish(&mut r, chain.take());
+        for (w, (seq, _)) in ends {
             r.problem(format!(
-                "op log ends at {} but the counter says {next_seq:?}",
-                expect - 1
+                "the store says it holds {} up to #{seq}, its log has none",
+                w.fmt_short()
             ));
         }
         match view.get(Cf::Meta, key::META_STATS)? {

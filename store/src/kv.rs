@@ -126,6 +126,11 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     /// Returns the disk space of deleted data to the filesystem (flush, compact, rewrite
     /// blob files that hold dead chunks). Slow; runs rarely, off the request path.
     fn reclaim(&self) -> Result<()>;
+    /// A copy of the whole database in memory (the in-memory backend only: simulations of a
+    /// restore from a backup); `None` elsewhere.
+    fn copy_in_memory(&self) -> Option<Box<dyn Backend>> {
+        None
+    }
 }
 
 /// The smallest key greater than every key that starts with `prefix`, if there is one.

@@ -11,6 +11,7 @@
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod auth;
 mod chunk;
 mod content;
 mod error;
@@ -23,6 +24,9 @@ mod store;
 mod txn;
 mod types;
 
+pub use auth::{
+    op_hash, sign_message, DeviceKey, Evidence, OpHash, Signer, GENESIS, KEY_LEN, SIG_LEN,
+};
 pub use chunk::{cut, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use content::{is_zero, NewExtent};
 pub use error::{Result, StoreError};
@@ -37,12 +41,13 @@ pub use records::{
     Stamps, StatsRecord,
 };
 pub use replica::{
-    conflict_name, member_message, Applied, Signer, Version, VersionVector, MEMBER_NAME_MAX,
+    conflict_name, Applied, Version, VersionVector, MAX_CLOCK_SKEW_MS, MEMBER_NAME_MAX,
 };
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{
-    random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO,
+    os_random, random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp,
+    Writer, ROOT_INO,
 };
 
 /// The plaintext of a chunk received in its stored encoding (raw, or a zstd frame when

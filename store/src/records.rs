@@ -8,10 +8,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
-use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp};
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, Writer};
 
 /// The on-disk format version written to `meta/format`.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 
 /// A node (file, directory, symlink, special file) as stored in `Cf::Nodes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +104,8 @@ pub(crate) struct BornRecord {
 pub struct MemberRecord {
     /// Its name.
     pub name: String,
+    /// Whether a member ever added it (a removal alone does not make a device known).
+    pub added: bool,
     /// Removed devices stay removed: they are refused from then on.
     pub removed: bool,
 }
@@ -173,15 +175,23 @@ pub struct StatsRecord {
     pub stored_bytes: u64,
 }
 
-/// One change to the namespace, as recorded in the op log.
+/// One change to the namespace, as recorded in the op log and sent between devices.
+///
+/// The ops of one writer form a hash chain (`prev`), and each carries its author's Ed25519
+/// signature of its hash (`crate::auth`): whoever relays an op, it is the author's, and a
+/// second, different op under the same id is evidence of a misbehaving device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpRecord {
-    /// Device and sequence number.
+    /// Device, incarnation and sequence number.
     pub id: OpId,
     /// Hybrid logical clock when the op was made.
     pub hlc: Hlc,
+    /// The hash of the writer's previous op (`auth::GENESIS` for its first).
+    pub prev: [u8; 32],
     /// What changed.
     pub kind: OpKind,
+    /// The author's Ed25519 signature of the op's hash (`auth::sign_message`), 64 bytes.
+    pub sig: Vec<u8>,
 }
 
 /// The kinds of namespace change. Names are raw bytes (validated on apply).
@@ -286,8 +296,8 @@ pub enum OpKind {
         /// New value.
         value: Option<Vec<u8>>,
     },
-    /// A device joined the namespace (`added`) or was removed from it, for good. Signed by
-    /// the op's author with its device key (`member_message`).
+    /// A device joined the namespace (`added`) or was removed from it, for good. Only a
+    /// member's op can change membership.
     Member {
         /// The device.
         device: DeviceId,
@@ -295,10 +305,6 @@ pub enum OpKind {
         name: String,
         /// Added or removed.
         added: bool,
-        /// The author's Ed25519 public key (its device id is derived from it).
-        key: Vec<u8>,
-        /// The author's Ed25519 signature of `member_message`.
-        signature: Vec<u8>,
     },
     /// File content changed: extents in `[start, end)` replaced by `extents`, size set.
     Content {
@@ -388,20 +394,22 @@ pub(crate) mod key {
         end
     }
 
-    /// Move-log key: clock, device, sequence number, index of the move within the op; the
-    /// order is the total order in which ops are applied.
-    pub(crate) fn mv(hlc: Hlc, op: OpId, idx: u8) -> [u8; 33] {
-        let mut k = [0u8; 33];
+    /// Length of a move-log key.
+    pub(crate) const MV_LEN: usize = 41;
+
+    /// Move-log key: clock, device, incarnation, sequence number, index of the move within
+    /// the op; the order is the total order in which ops are applied.
+    pub(crate) fn mv(hlc: Hlc, op: OpId, idx: u8) -> [u8; MV_LEN] {
+        let mut k = [0u8; MV_LEN];
         k[..8].copy_from_slice(&hlc.0.to_be_bytes());
-        k[8..24].copy_from_slice(&op.device.0);
-        k[24..32].copy_from_slice(&op.seq.to_be_bytes());
-        k[32] = idx;
+        k[8..40].copy_from_slice(&op_id(op));
+        k[40] = idx;
         k
     }
 
     /// The device and clock of the op a move-log key belongs to.
     pub(crate) fn mv_origin(k: &[u8]) -> Result<(DeviceId, Hlc)> {
-        if k.len() != 33 {
+        if k.len() != MV_LEN {
             return Err(StoreError::corrupt("move key length"));
         }
         let hlc = Hlc(u64::from_be_bytes(
@@ -411,10 +419,19 @@ pub(crate) mod key {
         Ok((dev, hlc))
     }
 
-    pub(crate) fn op(device: DeviceId, seq: u64) -> [u8; 24] {
+    /// The writer prefix of op-log keys.
+    pub(crate) fn writer(w: Writer) -> [u8; 24] {
         let mut k = [0u8; 24];
-        k[..16].copy_from_slice(&device.0);
-        k[16..].copy_from_slice(&seq.to_be_bytes());
+        k[..16].copy_from_slice(&w.device.0);
+        k[16..].copy_from_slice(&w.incarnation.to_be_bytes());
+        k
+    }
+
+    /// Op-log key: writer, then sequence number.
+    pub(crate) fn op_id(id: OpId) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[..24].copy_from_slice(&writer(id.writer()));
+        k[24..].copy_from_slice(&id.seq.to_be_bytes());
         k
     }
 
@@ -425,8 +442,31 @@ pub(crate) mod key {
     pub(crate) const META_NEXT_SEQ: &[u8] = b"next_seq";
     pub(crate) const META_HLC: &[u8] = b"hlc";
     pub(crate) const META_STATS: &[u8] = b"stats";
-    pub(crate) const META_VV: &[u8] = b"vv";
+    pub(crate) const META_INCARNATION: &[u8] = b"incarnation";
+    pub(crate) const META_LAST_HASH: &[u8] = b"last_hash";
+    pub(crate) const META_HEADS: &[u8] = b"heads";
     pub(crate) const META_MEMBER: &[u8] = b"member/";
+    pub(crate) const META_MEMBER_OP: &[u8] = b"member_op/";
+    pub(crate) const META_KEY: &[u8] = b"key/";
+    pub(crate) const META_EVIDENCE: &[u8] = b"evidence/";
+
+    pub(crate) fn member_op(id: OpId) -> Vec<u8> {
+        let mut k = META_MEMBER_OP.to_vec();
+        k.extend_from_slice(&op_id(id));
+        k
+    }
+
+    pub(crate) fn device_key(device: &DeviceId) -> Vec<u8> {
+        let mut k = META_KEY.to_vec();
+        k.extend_from_slice(&device.0);
+        k
+    }
+
+    pub(crate) fn evidence(device: &DeviceId) -> Vec<u8> {
+        let mut k = META_EVIDENCE.to_vec();
+        k.extend_from_slice(&device.0);
+        k
+    }
 
     pub(crate) fn member(device: &DeviceId) -> Vec<u8> {
         let mut k = META_MEMBER.to_vec();

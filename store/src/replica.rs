@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use crate::auth::{self, Evidence, OpHash, GENESIS, KEY_LEN};
 use crate::error::{Result, StoreError};
 use crate::kv::{self, Cf};
 use crate::ns::{validate_name, NAME_MAX, SYMLINK_MAX, XATTR_VALUE_MAX};
@@ -31,10 +32,17 @@ use crate::records::{
 };
 use crate::store::Store;
 use crate::txn::Txn;
-use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, ROOT_INO};
+use crate::types::{
+    ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, Writer, ROOT_INO,
+};
 
-/// For each device, the highest sequence number of its ops that a store holds.
-pub type VersionVector = BTreeMap<DeviceId, u64>;
+/// For each writer (device and incarnation), the highest sequence number of its ops that a
+/// store holds.
+pub type VersionVector = BTreeMap<Writer, u64>;
+
+/// How far into the future (by this device's clock) an op's clock may be: later ones are
+/// refused, so that no peer can push the clocks of every device towards overflow.
+pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 60 * 1000;
 
 /// A file's content as offset -> (chunk, length).
 type ExtentMap = BTreeMap<u64, (ChunkId, u32)>;
@@ -63,6 +71,9 @@ pub struct Applied {
     pub conflict_copies: usize,
     /// Moves skipped (cycles, non-empty directories).
     pub skipped_moves: usize,
+    /// Devices newly caught signing two different ops under one id (the second op is not
+    /// applied; the evidence is kept: `Store::evidence`).
+    pub equivocators: Vec<DeviceId>,
 }
 
 /// One entry move requested by an op.
@@ -123,6 +134,10 @@ struct Cx {
     /// Nodes a remote op took out of the tree: (version that op's device saw, last place).
     removed: HashMap<NodeId, (Option<OpId>, Loc)>,
     nodes: BTreeSet<Ino>,
+    /// Edits of this device by an earlier incarnation of its store that lost to a newer
+    /// one (the store was restored from a backup): the latest per file, kept as a conflict
+    /// copy at the end.
+    lost_own: BTreeMap<NodeId, OpRecord>,
 }
 
 /// A conflict name: `stem (conflict <device> <date>).ext`, within `NAME_MAX`.
@@ -165,20 +180,6 @@ fn civil_date(days: u64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Signs this device's membership changes with its device key (`pvfs-store` holds no keys:
-/// the daemon's identity implements this).
-pub trait Signer {
-    /// The Ed25519 public key, raw (32 bytes); the device id is derived from it.
-    fn public_key(&self) -> Vec<u8>;
-    /// An Ed25519 signature of `msg`.
-    fn sign(&self, msg: &[u8]) -> Vec<u8>;
-}
-
-/// What a membership op's author signs: the op's id and the change.
-pub fn member_message(id: OpId, device: DeviceId, name: &str, added: bool) -> Vec<u8> {
-    crate::records::encode(&("pvfs member op 1", id, device, name, added))
-}
-
 fn invalid(what: impl Into<String>) -> StoreError {
     StoreError::Invalid(what.into())
 }
@@ -213,23 +214,10 @@ fn validate(op: &OpRecord) -> Result<()> {
             validate_name(to_name)?;
         }
         OpKind::SetAttr { .. } => {}
-        OpKind::Member {
-            device,
-            name,
-            added,
-            key,
-            signature,
-        } => {
+        OpKind::Member { name, .. } => {
             if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
                 return Err(invalid("bad device name"));
             }
-            // Only the author's own key can make a membership change in its name.
-            if key.len() != 32 || DeviceId::from_public_key(key) != op.id.device {
-                return Err(invalid("membership change not signed by its author's key"));
-            }
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
-                .verify(&member_message(op.id, *device, name, *added), signature)
-                .map_err(|_| invalid("membership change with a bad signature"))?;
         }
         OpKind::SetXattr { name, value, .. } => {
             if name.is_empty() || name.len() > NAME_MAX {
@@ -284,29 +272,127 @@ fn apply_delta(
 }
 
 impl Store {
-    /// The version vector of this store: every device's highest op held here.
+    /// The version vector of this store: every writer's highest op held here.
     pub fn version_vector(&self) -> VersionVector {
         let st = self.writer_state();
-        let mut vv = st.vv.clone();
+        let mut vv: VersionVector = st.heads.iter().map(|(w, (seq, _))| (*w, *seq)).collect();
         if st.next_seq > 1 {
-            vv.insert(st.device, st.next_seq - 1);
+            vv.insert(st.writer(), st.next_seq - 1);
         }
         vv
     }
 
     /// Ops held here that a device with version vector `have` lacks, in clock order (which
-    /// respects causality), at most `limit`.
+    /// respects causality), at most `limit`. This device's own ops leave it only once they
+    /// are durable: if some are not, the WAL is synced first (one sync covers every commit
+    /// before it, so pushes after a burst of commits share it).
     pub fn ops_after(&self, have: &VersionVector, limit: usize) -> Result<Vec<OpRecord>> {
+        let own = self.writer_state().writer();
+        let mut vv = self.version_vector();
+        if let Some(top) = vv.get_mut(&own) {
+            if *top > have.get(&own).copied().unwrap_or(0) && self.durable_seq() < *top {
+                self.sync()?;
+            }
+            *top = (*top).min(self.durable_seq());
+        }
         let mut all = Vec::new();
-        for (dev, &top) in &self.version_vector() {
-            let from = have.get(dev).copied().unwrap_or(0);
+        for (w, &top) in &vv {
+            let from = have.get(w).copied().unwrap_or(0);
             if from < top {
-                all.extend(self.ops(*dev, from + 1, limit)?);
+                let mut ops = self.ops(*w, from + 1, limit)?;
+                ops.retain(|o| o.id.seq <= top);
+                all.extend(ops);
             }
         }
         all.sort_by_key(|o| (o.hlc, o.id));
         all.truncate(limit);
         Ok(all)
+    }
+
+    /// The public keys of `devices` that this store knows (every author of an op it holds).
+    pub fn device_keys(
+        &self,
+        devices: impl IntoIterator<Item = DeviceId>,
+    ) -> Result<Vec<[u8; KEY_LEN]>> {
+        let r = self.reader();
+        let mut out = Vec::new();
+        for d in devices {
+            if let Some(k) = r.device_key(&d)? {
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every membership change held here (for a joining device's welcome), in clock order.
+    pub fn member_ops(&self) -> Result<Vec<OpRecord>> {
+        let view = self.snapshot();
+        let mut out = Vec::new();
+        for item in kv::scan_prefix(&*view, Cf::Meta, key::META_MEMBER_OP) {
+            let (k, _) = item?;
+            let op = view
+                .get(Cf::Oplog, &k[key::META_MEMBER_OP.len()..])?
+                .ok_or_else(|| StoreError::corrupt("a membership op missing from the log"))?;
+            out.push(records::decode::<OpRecord>("op", &op)?);
+        }
+        out.sort_by_key(|o| (o.hlc, o.id));
+        Ok(out)
+    }
+
+    /// Takes the namespace's membership from the inviting device's welcome (a joining
+    /// device, before its first sync): each change must carry its author's signature, and
+    /// each author must be a member by the changes before it; the first adds its own author
+    /// (the device that made the namespace). The ops themselves come later, with the log.
+    pub fn seed_members(&self, ops: &[OpRecord], keys: &[[u8; KEY_LEN]]) -> Result<usize> {
+        self.commit(true, |tx| {
+            for k in keys {
+                tx.learn_key(k)?;
+            }
+            let mut ops = ops.to_vec();
+            ops.sort_by_key(|o| (o.hlc, o.id));
+            for (i, op) in ops.iter().enumerate() {
+                let OpKind::Member {
+                    device,
+                    name,
+                    added,
+                } = &op.kind
+                else {
+                    return Err(invalid("a welcome carries membership changes only"));
+                };
+                validate(op)?;
+                let key = tx
+                    .device_key(&op.id.device)?
+                    .ok_or_else(|| invalid("no key for the author of a membership change"))?;
+                auth::verify(&tx.state.namespace, &key, op)?;
+                let founding = i == 0 && *added && *device == op.id.device;
+                if !founding
+                    && !tx
+                        .member(&op.id.device)?
+                        .is_some_and(|m| m.added && !m.removed)
+                {
+                    return Err(invalid(
+                        "a membership change by a device that was no member",
+                    ));
+                }
+                tx.apply_member(*device, name, *added)?;
+                tx.state.hlc = tx.state.hlc.max(op.hlc);
+            }
+            Ok(ops.len())
+        })
+    }
+
+    /// Devices caught equivocating, with the proof.
+    pub fn evidence(&self) -> Result<Vec<(DeviceId, Evidence)>> {
+        let mut out = Vec::new();
+        let view = self.snapshot();
+        for item in kv::scan_prefix(&*view, Cf::Meta, key::META_EVIDENCE) {
+            let (k, v) = item?;
+            let id: [u8; 16] = k[key::META_EVIDENCE.len()..]
+                .try_into()
+                .map_err(|_| StoreError::corrupt("evidence key length"))?;
+            out.push((DeviceId(id), records::decode("evidence", &v)?));
+        }
+        Ok(out)
     }
 
     /// The extents and size of `node` at content version `version`, rebuilt from the op log
@@ -316,21 +402,27 @@ impl Store {
         Ok((map.into_iter().map(|(o, (c, l))| (o, c, l)).collect(), size))
     }
 
-    /// Applies ops from other devices, in one transaction. Ops must come in clock order
-    /// per device and without gaps (as `ops_after` yields them); ops already held are skipped.
+    /// Applies ops from other devices, in one transaction. Ops must come in sequence order
+    /// per writer and without gaps (as `ops_after` yields them); ops already held are skipped.
+    /// `keys` are public keys of their authors (a key is kept only under the device id it
+    /// derives; keys already known need not come again). Every op must follow its writer's
+    /// hash chain and carry its author's signature, and its author must be a member.
     /// `is_open` says which local inodes are open (an open file that loses its last name
     /// stays until closed).
-    pub fn apply_remote(&self, ops: &[OpRecord], is_open: &dyn Fn(Ino) -> bool) -> Result<Applied> {
+    pub fn apply_remote(
+        &self,
+        ops: &[OpRecord],
+        keys: &[[u8; KEY_LEN]],
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<Applied> {
         self.commit(false, |tx| {
             let mut cx = Cx::default();
+            for k in keys {
+                tx.learn_key(k)?;
+            }
             for op in ops {
-                tx.apply_one(op, &mut cx).map_err(|e| {
-                    invalid(format!(
-                        "op {}#{} from a peer: {e}",
-                        op.id.device.fmt_short(),
-                        op.id.seq
-                    ))
-                })?;
+                tx.apply_one(op, &mut cx)
+                    .map_err(|e| invalid(format!("op {} from a peer: {e}", op.id.fmt_short())))?;
             }
             tx.settle(&mut cx, is_open)?;
             cx.out.nodes = cx.nodes.into_iter().collect();
@@ -347,39 +439,124 @@ impl Txn<'_> {
     }
 
     fn op_at(&self, id: OpId) -> Result<Option<OpRecord>> {
-        self.get(Cf::Oplog, &key::op(id.device, id.seq))?
+        self.get(Cf::Oplog, &key::op_id(id))?
             .map(|b| records::decode("op", &b))
             .transpose()
     }
 
-    fn apply_one(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
-        let dev = op.id.device;
-        let have = if dev == self.state.device {
-            self.state.next_seq - 1
-        } else {
-            self.state.vv.get(&dev).copied().unwrap_or(0)
+    /// The public key of `device`, if this store knows it.
+    pub(crate) fn device_key(&self, device: &DeviceId) -> Result<Option<[u8; KEY_LEN]>> {
+        match self.get(Cf::Meta, &key::device_key(device))? {
+            None => Ok(None),
+            Some(k) => k
+                .try_into()
+                .map(Some)
+                .map_err(|_| StoreError::corrupt("device key length")),
+        }
+    }
+
+    /// Keeps `key` under the device id it derives (any source will do: the id proves it).
+    pub(crate) fn learn_key(&mut self, key: &[u8; KEY_LEN]) -> Result<DeviceId> {
+        let device = DeviceId::from_public_key(key);
+        if self.device_key(&device)?.is_none() {
+            self.put(Cf::Meta, &key::device_key(&device), key.to_vec());
+        }
+        Ok(device)
+    }
+
+    /// The member record of `device`.
+    pub(crate) fn member(&self, device: &DeviceId) -> Result<Option<MemberRecord>> {
+        self.get(Cf::Meta, &key::member(device))?
+            .map(|b| records::decode("member", &b))
+            .transpose()
+    }
+
+    /// An op whose id is held already: a duplicate, or, if it differs and its author
+    /// signed it, proof that the author equivocates (kept, reported, not applied).
+    fn held_again(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
+        let Some(held) = self.op_at(op.id)? else {
+            cx.out.duplicates += 1;
+            return Ok(());
         };
-        if op.id.seq <= have {
+        if auth::op_hash(&held) == auth::op_hash(op) {
             cx.out.duplicates += 1;
             return Ok(());
         }
-        if dev == self.state.device {
-            return Err(invalid("an op of this device that it never made"));
+        let key = self
+            .device_key(&op.id.device)?
+            .ok_or_else(|| StoreError::corrupt("an op held here whose author has no key"))?;
+        auth::verify(&self.state.namespace, &key, op).map_err(|e| {
+            invalid(format!(
+                "a second op under a held id, not its author's: {e}"
+            ))
+        })?;
+        let k = key::evidence(&op.id.device);
+        if self.get(Cf::Meta, &k)?.is_none() {
+            let ev = Evidence {
+                held,
+                other: op.clone(),
+            };
+            self.put(Cf::Meta, &k, records::encode(&ev));
+            cx.out.equivocators.push(op.id.device);
+            tracing::error!(
+                device = %op.id.device.fmt_short(),
+                op = %op.id.fmt_short(),
+                "a device signed two different ops under one id: evidence kept, its second op refused"
+            );
         }
+        Ok(())
+    }
+
+    /// Checks that `op` is its author's and follows what this store holds of its writer:
+    /// the next sequence number, the hash chain, the author's signature, the author a member,
+    /// its clock not too far ahead. Returns the op's hash.
+    fn authenticate(&self, op: &OpRecord, head: (u64, OpHash)) -> Result<OpHash> {
+        let (have, head_hash) = head;
         if op.id.seq != have + 1 {
             return Err(invalid(format!("gap: expected #{}", have + 1)));
         }
-        validate(op)?;
-        if op.hlc.millis() > self.now().millis() + 60_000 {
-            tracing::warn!(
-                device = %dev.fmt_short(),
-                "a peer's clock is more than a minute ahead of ours"
-            );
+        if op.prev != head_hash {
+            return Err(invalid(
+                "it does not follow its writer's previous op as held here (a forked history)",
+            ));
         }
-        self.state.vv.insert(dev, op.id.seq);
-        self.state.vv_changed = true;
+        let key = self
+            .device_key(&op.id.device)?
+            .ok_or_else(|| invalid("no key is known for its author"))?;
+        let hash = auth::verify(&self.state.namespace, &key, op)?;
+        // Membership is decided by the ops: an author must have been added by a member.
+        // (Its ops are kept after a removal: those made before it were valid, and the
+        // removal does not yet say how far they go.)
+        if !self.member(&op.id.device)?.is_some_and(|m| m.added) {
+            return Err(invalid("its author is not a member"));
+        }
+        if op.hlc.millis() > self.now().millis().saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(invalid(
+                "its clock is more than an hour ahead of this device's (refused until then)",
+            ));
+        }
+        Ok(hash)
+    }
+
+    fn apply_one(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
+        let w = op.id.writer();
+        let head = if w == self.state.writer() {
+            if op.id.seq < self.state.next_seq {
+                return self.held_again(op, cx);
+            }
+            return Err(invalid("an op of this device that it never made"));
+        } else {
+            self.state.heads.get(&w).copied().unwrap_or((0, GENESIS))
+        };
+        if op.id.seq <= head.0 {
+            return self.held_again(op, cx);
+        }
+        let hash = self.authenticate(op, head)?;
+        validate(op)?;
+        self.state.heads.insert(w, (op.id.seq, hash));
+        self.state.heads_changed = true;
         self.state.hlc = self.state.hlc.max(op.hlc);
-        self.put(Cf::Oplog, &key::op(dev, op.id.seq), records::encode(op));
+        self.put_op(op);
         cx.out.applied += 1;
         let moves = match &op.kind {
             OpKind::Create {
@@ -529,7 +706,6 @@ impl Txn<'_> {
                 device,
                 name,
                 added,
-                ..
             } => {
                 self.apply_member(*device, name, *added)?;
                 Vec::new()
@@ -779,7 +955,7 @@ impl Txn<'_> {
     /// first and redone after.
     fn apply_moves(&mut self, op: &OpRecord, moves: Vec<Move>, cx: &mut Cx) -> Result<()> {
         let after = kv::key_after(&key::mv(op.hlc, op.id, u8::MAX));
-        let later = self.scan(Cf::Moves, &after, &[0xff; 34], usize::MAX)?;
+        let later = self.scan(Cf::Moves, &after, &[0xff; key::MV_LEN + 1], usize::MAX)?;
         let mut later: Vec<(Vec<u8>, MoveRecord)> = later
             .into_iter()
             .map(|(k, v)| Ok((k, records::decode::<MoveRecord>("move", &v)?)))
@@ -881,6 +1057,13 @@ impl Txn<'_> {
     /// without an entry go; an edit of this device that a remote delete had not seen is
     /// restored as a copy first.
     fn settle(&mut self, cx: &mut Cx, is_open: &dyn Fn(Ino) -> bool) -> Result<()> {
+        for op in std::mem::take(&mut cx.lost_own).into_values() {
+            let OpKind::Content { node, .. } = &op.kind else {
+                continue;
+            };
+            let loc = self.copy_loc(*node)?;
+            self.conflict_copy_of(&op, &loc, cx)?;
+        }
         for node in std::mem::take(&mut cx.touched) {
             let Some(ino) = self.ino_of_id(node)? else {
                 continue;
@@ -917,9 +1100,33 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Keeps the version `op` made of its file as a new file next to `loc` (a conflict copy
+    /// of an edit of this device that lost), with ordinary local ops.
+    fn conflict_copy_of(&mut self, op: &OpRecord, loc: &Loc, cx: &mut Cx) -> Result<()> {
+        let OpKind::Content { node, mtime, .. } = &op.kind else {
+            return Ok(());
+        };
+        let Some(ino) = self.ino_of_id(*node)? else {
+            return Ok(());
+        };
+        let (map, size) = self.materialize(*node, Some(op.id))?;
+        let copy = self.conflict_file(ino, loc, cx)?;
+        let extents = map.into_iter().map(|(o, (c, l))| (o, c, l)).collect();
+        self.fill_empty(copy, extents, size, *mtime)
+    }
+
     /// Keeps this device's version of file `ino` as a new file next to `loc` (a conflict
     /// copy), with ordinary local ops so that it reaches every device.
     fn conflict_copy(&mut self, ino: Ino, loc: &Loc, cx: &mut Cx) -> Result<()> {
+        let size = self.node_req(ino)?.size;
+        let copy = self.conflict_file(ino, loc, cx)?;
+        self.copy_range(ino, 0, copy, 0, size)?;
+        Ok(())
+    }
+
+    /// A new empty file next to `loc` under a conflict name of this device, with the
+    /// attributes of file `ino`.
+    fn conflict_file(&mut self, ino: Ino, loc: &Loc, cx: &mut Cx) -> Result<Ino> {
         let n = self.node_req(ino)?;
         let (mut parent, name) = loc.clone();
         if !self.is_live_dir(parent)? {
@@ -947,14 +1154,13 @@ impl Txn<'_> {
             target: None,
         };
         let (copy, _) = self.create(pino, &copy_name, new)?;
-        self.copy_range(ino, 0, copy, 0, n.size)?;
         cx.out.conflict_copies += 1;
         cx.out.names.push((pino, copy_name.clone()));
         tracing::info!(
             name = %String::from_utf8_lossy(&copy_name),
             "kept this device's version as a conflict copy"
         );
-        Ok(())
+        Ok(copy)
     }
 
     fn remote_node(&self, node: NodeId) -> Result<Option<(Ino, NodeRecord)>> {
@@ -1053,47 +1259,32 @@ impl Txn<'_> {
         let removed = !added || old.as_ref().is_some_and(|m| m.removed);
         let rec = MemberRecord {
             name: name.to_string(),
+            added: added || old.as_ref().is_some_and(|m| m.added),
             removed,
         };
         self.put(Cf::Meta, &k, records::encode(&rec));
         Ok(())
     }
 
-    /// Records and applies a membership change made on this device, signed with its key.
-    pub fn set_member(
-        &mut self,
-        device: DeviceId,
-        name: &str,
-        added: bool,
-        signer: &dyn Signer,
-    ) -> Result<()> {
+    /// Records and applies a membership change made on this device (signed, as every op,
+    /// when the transaction commits).
+    pub fn set_member(&mut self, device: DeviceId, name: &str, added: bool) -> Result<()> {
         if name.len() > MEMBER_NAME_MAX || name.chars().any(char::is_control) {
             return Err(invalid("bad device name"));
         }
-        let key = signer.public_key();
-        if DeviceId::from_public_key(&key) != self.state.device {
-            return Err(invalid("the signing key is not this device's"));
-        }
-        let id = OpId {
-            device: self.state.device,
-            seq: self.state.next_seq,
-        };
-        let signature = signer.sign(&member_message(id, device, name, added));
         self.record(OpKind::Member {
             device,
             name: name.to_string(),
             added,
-            key,
-            signature,
         });
         self.apply_member(device, name, added)
     }
 
-    /// The clock and device of a content version, for ordering concurrent edits.
-    fn version_order(&self, v: Option<OpId>) -> Result<(Hlc, Option<DeviceId>)> {
+    /// The clock and id of a content version, for ordering concurrent edits.
+    fn version_order(&self, v: Option<OpId>) -> Result<(Hlc, Option<OpId>)> {
         match v {
             None => Ok((Hlc(0), None)),
-            Some(id) => Ok((self.op_at(id)?.map_or(Hlc(0), |o| o.hlc), Some(id.device))),
+            Some(id) => Ok((self.op_at(id)?.map_or(Hlc(0), |o| o.hlc), Some(id))),
         }
     }
 
@@ -1115,7 +1306,7 @@ impl Txn<'_> {
             // The version still advances, by the same rule, in case a late op revives it.
             if let Some(mut born) = self.born(node)? {
                 if *base == born.version
-                    || (op.hlc, Some(op.id.device)) > self.version_order(born.version)?
+                    || (op.hlc, Some(op.id)) > self.version_order(born.version)?
                 {
                     born.version = Some(op.id);
                     self.put(Cf::Born, &key::node_id(node), records::encode(&born));
@@ -1137,8 +1328,31 @@ impl Txn<'_> {
         }
         // A concurrent edit: the later one is the content.
         let cur = self.version_order(n.version)?;
-        if (op.hlc, Some(op.id.device)) <= cur {
+        if (op.hlc, Some(op.id)) <= cur {
+            if op.id.device == self.state.device {
+                // This device's own edit, made by an earlier incarnation of its store and
+                // coming back from a peer (the store was restored from a backup): it lost,
+                // so this device keeps it as a copy, as it would have then; once, for the
+                // last such edit of the file.
+                let later = cx
+                    .lost_own
+                    .get(&node)
+                    .is_none_or(|o| (o.hlc, o.id) < (op.hlc, op.id));
+                if later {
+                    cx.lost_own.insert(node, op.clone());
+                }
+            }
             return Ok(());
+        }
+        if n.version.is_some_and(|v| {
+            v.device == op.id.device
+                && v.writer() != op.id.writer()
+                && v.device != self.state.device
+        }) {
+            // Two incarnations of one device edited the file concurrently (it was restored
+            // from a backup): that device keeps the losing edit as a copy, and may hold none
+            // of its content. The content stays here until its op references it.
+            self.keep_for(ino, op.id.device)?;
         }
         if n.version.is_some_and(|v| v.device == self.state.device) {
             let loc = self.copy_loc(node)?;
@@ -1146,6 +1360,25 @@ impl Txn<'_> {
         }
         let (map, size) = self.materialize(node, Some(op.id))?;
         self.install(ino, map, size, op, *mtime)
+    }
+
+    /// Keeps the content of file `ino` stored here for an op of `author` to reference, as a
+    /// chunk `author` pushed here is kept (`Store::keep_pushed`): whatever happens to the
+    /// file, the data stays until such an op comes, or for a week.
+    fn keep_for(&mut self, ino: Ino, author: DeviceId) -> Result<()> {
+        for (_, e) in self.extents(ino, 0, u64::MAX)? {
+            let Some(r) = self.refs(&e.chunk)? else {
+                continue;
+            };
+            if r.stored > 0 {
+                self.put(
+                    Cf::Pending,
+                    &key::pending(&e.chunk, crate::txn::pushed_token(author)),
+                    crate::txn::pushed_marker(r.stored, r.len),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Where to put a conflict copy of `node`: next to its first name, or (if only a later
@@ -1262,84 +1495,196 @@ mod tests {
         let raw = vec![0xffu8; 255];
         assert!(conflict_name(&raw, dev, hlc, 5).len() <= NAME_MAX);
     }
+}
 
-    struct Key(ring::signature::Ed25519KeyPair);
+#[cfg(test)]
+mod auth_tests {
+    //! Every op is its author's: signed, chained, by a member, with a sane clock.
+    use std::sync::Arc;
 
-    impl Key {
-        fn new() -> Key {
-            let rng = ring::rand::SystemRandom::new();
-            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-            Key(ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap())
-        }
+    use super::*;
+    use crate::auth::{op_hash, sign_message, DeviceKey, Signer};
+    use crate::RootOwner;
 
-        fn device(&self) -> DeviceId {
-            DeviceId::from_public_key(&self.public_key())
-        }
+    const NS: [u8; 16] = [5; 16];
+    const OWNER: RootOwner = RootOwner { uid: 0, gid: 0 };
+
+    /// Stores of `keys` in one namespace, each knowing the first `members` as members.
+    fn stores(keys: &[Arc<DeviceKey>], members: usize) -> Vec<Store> {
+        keys.iter()
+            .map(|k| {
+                let s = Store::in_memory_in(k.clone(), OWNER, NS).unwrap();
+                s.commit(false, |tx| {
+                    for m in &keys[..members] {
+                        tx.set_member(m.device(), "m", true)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                s
+            })
+            .collect()
     }
 
-    impl Signer for Key {
-        fn public_key(&self) -> Vec<u8> {
-            ring::signature::KeyPair::public_key(&self.0)
-                .as_ref()
-                .to_vec()
-        }
+    fn keys(n: u8) -> Vec<Arc<DeviceKey>> {
+        (1..=n)
+            .map(|i| Arc::new(DeviceKey::from_seed([i; 32])))
+            .collect()
+    }
 
-        fn sign(&self, msg: &[u8]) -> Vec<u8> {
-            self.0.sign(msg).as_ref().to_vec()
-        }
+    fn public(k: &DeviceKey) -> [u8; KEY_LEN] {
+        k.public_key().try_into().unwrap()
+    }
+
+    /// Ops of `from` that `to` lacks, and the keys of their authors.
+    fn lacking(from: &Store, to: &Store) -> (Vec<OpRecord>, Vec<[u8; KEY_LEN]>) {
+        let ops = from.ops_after(&to.version_vector(), usize::MAX).unwrap();
+        let keys = from.device_keys(ops.iter().map(|o| o.id.device)).unwrap();
+        (ops, keys)
+    }
+
+    fn resign(op: &mut OpRecord, key: &DeviceKey) {
+        op.sig = key.sign(&sign_message(&NS, &op_hash(op)));
+    }
+
+    fn mkdir(s: &Store, name: &str) -> OpRecord {
+        let new = crate::ns::NewNode {
+            kind: FileKind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: None,
+        };
+        s.commit(false, |tx| tx.create(ROOT_INO, name.as_bytes(), new))
+            .unwrap();
+        let w = s.writer();
+        s.ops(w, 1, usize::MAX).unwrap().pop().unwrap()
+    }
+
+    fn refused(to: &Store, ops: &[OpRecord], keys: &[[u8; KEY_LEN]], why: &str) {
+        let before = to.version_vector();
+        let err = to.apply_remote(ops, keys, &|_| false).unwrap_err();
+        assert!(err.to_string().contains(why), "expected {why:?}: {err}");
+        assert_eq!(
+            to.version_vector(),
+            before,
+            "a refused batch changes nothing"
+        );
     }
 
     #[test]
-    fn membership_changes_are_signed_by_their_author() {
-        let owner = crate::RootOwner { uid: 0, gid: 0 };
-        let (ka, kb, kc) = (Key::new(), Key::new(), Key::new());
-        let a = Store::in_memory_in(ka.device(), owner, [1; 16]).unwrap();
-        let b = Store::in_memory_in(kb.device(), owner, [1; 16]).unwrap();
-        // Signing with another device's key is refused locally.
-        assert!(a
-            .commit(false, |tx| tx.set_member(kc.device(), "c", true, &kb))
-            .is_err());
-        a.commit(false, |tx| tx.set_member(kc.device(), "c", true, &ka))
-            .unwrap();
-        let ops = a.ops_after(&Default::default(), 100).unwrap();
-        let good = ops.last().unwrap().clone();
-        let tampered = |f: &dyn Fn(&mut OpKind)| {
-            let mut op = good.clone();
-            f(&mut op.kind);
-            op
-        };
-        let forged = [
-            // The change altered after signing.
-            tampered(&|k| {
-                if let OpKind::Member { name, .. } = k {
-                    *name = "mallory".into();
-                }
-            }),
-            tampered(&|k| {
-                if let OpKind::Member { added, .. } = k {
-                    *added = false;
-                }
-            }),
-            // Signed by a key that is not the author's.
-            tampered(&|k| {
-                if let OpKind::Member { key, signature, .. } = k {
-                    *key = kc.public_key();
-                    *signature = kc.sign(&member_message(good.id, kc.device(), "c", true));
-                }
-            }),
-            // No signature.
-            tampered(&|k| {
-                if let OpKind::Member { signature, .. } = k {
-                    signature.clear();
-                }
-            }),
-        ];
-        for op in forged {
-            let err = b.apply_remote(&[op], &|_| false).unwrap_err();
-            assert!(err.to_string().contains("sign"), "{err}");
-            assert!(!b.is_member(&kc.device()).unwrap());
+    fn forged_tampered_and_foreign_ops_are_refused() {
+        let k = keys(4);
+        let s = stores(&k, 3);
+        let (a, b, c, stranger) = (&s[0], &s[1], &s[2], &s[3]);
+        let op = mkdir(a, "d");
+        let (ops, keys_a) = lacking(a, b);
+
+        // Without its author's key nothing can be checked.
+        refused(b, &ops, &[], "no key");
+        // Any field changed after signing.
+        let mut t = ops.clone();
+        let last = t.len() - 1;
+        if let OpKind::Create { name, .. } = &mut t[last].kind {
+            *name = b"e".to_vec();
         }
-        b.apply_remote(&[good], &|_| false).unwrap();
-        assert!(b.is_member(&kc.device()).unwrap());
+        refused(b, &t, &keys_a, "bad signature");
+        // A member signing an op in another member's name.
+        let mut t = ops.clone();
+        resign(&mut t[last], &k[2]);
+        refused(b, &t, &keys_a, "bad signature");
+        // A key that is not the author's is never filed under the author.
+        refused(b, &ops, &[public(&k[2])], "no key");
+        // The genuine ops apply.
+        b.apply_remote(&ops, &keys_a, &|_| false).unwrap();
+        assert!(b.lookup(ROOT_INO, b"d").unwrap().is_some());
+
+        // An op that does not follow its writer's chain (signed by its author all the same).
+        let mut next = op.clone();
+        next.id.seq += 1;
+        next.prev = [9; 32];
+        resign(&mut next, &k[0]);
+        refused(b, &[next.clone()], &[], "forked history");
+        // A clock far ahead of ours.
+        next.prev = op_hash(&op);
+        next.hlc = Hlc(op.hlc.0 + ((3 * MAX_CLOCK_SKEW_MS) << 16));
+        resign(&mut next, &k[0]);
+        refused(b, &[next], &[], "ahead");
+
+        // A device no member added, relayed by a member: refused, even with its key.
+        let (ops, keys_x) = lacking(stranger, c);
+        let mine: Vec<OpRecord> = ops
+            .into_iter()
+            .filter(|o| o.id.device == k[3].device())
+            .collect();
+        refused(c, &mine, &keys_x, "not a member");
+    }
+
+    #[test]
+    fn a_second_op_under_a_held_id_is_kept_as_evidence_not_applied() {
+        let k = keys(2);
+        let s = stores(&k, 2);
+        let (a, b) = (&s[0], &s[1]);
+        mkdir(a, "first");
+        let (ops, keys_a) = lacking(a, b);
+        b.apply_remote(&ops, &keys_a, &|_| false).unwrap();
+        // A says something else under the id of its last op.
+        let mut twin = ops.last().unwrap().clone();
+        if let OpKind::Create { name, .. } = &mut twin.kind {
+            *name = b"second".to_vec();
+        }
+        resign(&mut twin, &k[0]);
+        let applied = b.apply_remote(&[twin.clone()], &[], &|_| false).unwrap();
+        assert_eq!(applied.equivocators, vec![k[0].device()]);
+        assert!(b.lookup(ROOT_INO, b"second").unwrap().is_none());
+        assert!(b.lookup(ROOT_INO, b"first").unwrap().is_some());
+        let ev = b.evidence().unwrap();
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].1.proves(&NS, &public(&k[0])));
+        // The same op again is a plain duplicate; a forged twin is refused.
+        let again = b.apply_remote(&ops, &[], &|_| false).unwrap();
+        assert_eq!((again.applied, again.equivocators.len()), (0, 0));
+        let mut forged = twin;
+        forged.sig = vec![0; 64];
+        refused(b, &[forged], &[], "not its author's");
+        assert!(b.fsck().unwrap().is_clean());
+    }
+
+    #[test]
+    fn a_restored_store_makes_ops_under_a_new_incarnation_and_gets_its_lost_ops_back() {
+        let k = keys(2);
+        let s = stores(&k, 2);
+        let (a, b) = (&s[0], &s[1]);
+        mkdir(a, "before");
+        let backup = a.restored_copy().unwrap().unwrap();
+        // After the backup, A goes on and B sees it all.
+        mkdir(a, "lost");
+        let (ops, keys_a) = lacking(a, b);
+        b.apply_remote(&ops, &keys_a, &|_| false).unwrap();
+        // A is restored from the backup, and makes changes of its own before it meets B.
+        let a = backup;
+        assert!(a.lookup(ROOT_INO, b"lost").unwrap().is_none());
+        mkdir(&a, "after");
+        assert_ne!(a.writer(), s[0].writer(), "a new incarnation");
+        let (ops, keys) = lacking(&a, b);
+        b.apply_remote(&ops, &keys, &|_| false).unwrap();
+        let (ops, keys) = lacking(b, &a);
+        a.apply_remote(&ops, &keys, &|_| false).unwrap();
+        for st in [&a, b] {
+            for name in ["before", "lost", "after"] {
+                assert!(
+                    st.lookup(ROOT_INO, name.as_bytes()).unwrap().is_some(),
+                    "{name}"
+                );
+            }
+            assert!(st.evidence().unwrap().is_empty(), "no op id was reused");
+            assert!(
+                st.fsck().unwrap().is_clean(),
+                "{:?}",
+                st.fsck().unwrap().problems
+            );
+        }
+        assert_eq!(a.version_vector(), b.version_vector());
     }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 
+use crate::auth::{self, Signer, GENESIS};
 use crate::chunk;
 use crate::error::{Result, StoreError};
 use crate::kv::mem::MemBackend;
@@ -27,7 +28,7 @@ use crate::txn::{
     is_pushed_marker, pushed_fields, pushed_marker, pushed_token, unix_secs, PreparedChunk, Txn,
     WriterState, PUSHED_BIT,
 };
-use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, ROOT_INO};
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, Writer, ROOT_INO};
 
 /// New chunks being stored ahead of one commit (`Store::stage_part`).
 #[derive(Debug)]
@@ -204,6 +205,11 @@ struct Inner {
     writer: Mutex<WriterState>,
     device: DeviceId,
     namespace: [u8; 16],
+    /// Signs the ops recorded here (`None`: opened for inspection, records nothing).
+    signer: Option<Arc<dyn Signer>>,
+    /// The highest sequence number of this incarnation's ops that a WAL sync has made
+    /// durable: only those leave the device (`ops_after`).
+    durable_seq: AtomicU64,
     cache: quick_cache::sync::Cache<ChunkId, Bytes, ChunkWeight>,
     space: Option<SpaceGuard>,
     /// Called after every commit that recorded ops (the network pushes them to peers).
@@ -261,7 +267,9 @@ impl Store {
     }
 
     /// Opens the store in `dir` (its RocksDB lives in `dir/db`). It must have been created.
-    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store> {
+    /// `signer` is the device's key; without it the store can be read and checked but
+    /// records no ops. Every opening starts a new incarnation of the device's op log.
+    pub fn open(dir: &Path, opts: &StoreOptions, signer: Option<Arc<dyn Signer>>) -> Result<Store> {
         if !Store::exists(dir) {
             return Err(StoreError::DataDir {
                 path: dir.to_path_buf(),
@@ -269,25 +277,25 @@ impl Store {
             });
         }
         let backend = RocksBackend::open(&dir.join("db"), &opts.rocks)?;
-        Store::from_backend(Box::new(backend), opts, Some(dir), None)
+        Store::from_backend(Box::new(backend), opts, Some(dir), signer, None)
     }
 
-    /// Creates a new store with a new namespace in `dir`.
+    /// Creates a new store with a new namespace in `dir`, for the device of `signer`.
     pub fn create(
         dir: &Path,
         opts: &StoreOptions,
-        device: DeviceId,
+        signer: Arc<dyn Signer>,
         owner: RootOwner,
     ) -> Result<Store> {
-        Store::create_in(dir, opts, device, owner, None)
+        Store::create_in(dir, opts, signer, owner, None)
     }
 
-    /// Creates a store in `dir` for a device joining the namespace `namespace` (`None`: a
-    /// new namespace).
+    /// Creates a store in `dir` for the device of `signer` joining the namespace `namespace`
+    /// (`None`: a new namespace).
     pub fn create_in(
         dir: &Path,
         opts: &StoreOptions,
-        device: DeviceId,
+        signer: Arc<dyn Signer>,
         owner: RootOwner,
         namespace: Option<[u8; 16]>,
     ) -> Result<Store> {
@@ -306,38 +314,67 @@ impl Store {
             Box::new(backend),
             opts,
             Some(dir),
-            Some((device, owner, namespace)),
+            Some(signer),
+            Some((owner, namespace)),
         )
     }
 
     /// A new store in memory in the namespace `namespace` (in-process clusters in tests).
-    pub fn in_memory_in(device: DeviceId, owner: RootOwner, namespace: [u8; 16]) -> Result<Store> {
+    pub fn in_memory_in(
+        signer: Arc<dyn Signer>,
+        owner: RootOwner,
+        namespace: [u8; 16],
+    ) -> Result<Store> {
         Store::from_backend(
             Box::new(MemBackend::default()),
             &StoreOptions::default(),
             None,
-            Some((device, owner, Some(namespace))),
+            Some(signer),
+            Some((owner, Some(namespace))),
         )
     }
 
     /// A new store in memory (tests, models).
-    pub fn in_memory(device: DeviceId, owner: RootOwner) -> Result<Store> {
+    pub fn in_memory(signer: Arc<dyn Signer>, owner: RootOwner) -> Result<Store> {
         Store::from_backend(
             Box::new(MemBackend::default()),
             &StoreOptions::default(),
             None,
-            Some((device, owner, None)),
+            Some(signer),
+            Some((owner, None)),
         )
+    }
+
+    /// A copy of this in-memory store's database, opened as a new incarnation with the same
+    /// key: what a device restored from a backup of its data directory is (simulations).
+    /// `None` for a store on disk (copy its directory instead).
+    pub fn restored_copy(&self) -> Result<Option<Store>> {
+        let Some(copy) = self.inner.backend.copy_in_memory() else {
+            return Ok(None);
+        };
+        Store::from_backend(
+            copy,
+            &StoreOptions::default(),
+            None,
+            self.inner.signer.clone(),
+            None,
+        )
+        .map(Some)
     }
 
     fn from_backend(
         backend: Box<dyn Backend>,
         opts: &StoreOptions,
         dir: Option<&Path>,
-        init: Option<(DeviceId, RootOwner, Option<[u8; 16]>)>,
+        signer: Option<Arc<dyn Signer>>,
+        init: Option<(RootOwner, Option<[u8; 16]>)>,
     ) -> Result<Store> {
-        if let Some((device, owner, namespace)) = init {
-            initialize(&*backend, device, owner, namespace)?;
+        if let Some((owner, namespace)) = init {
+            let signer = signer
+                .as_deref()
+                .ok_or_else(|| StoreError::Invalid("a new store needs its device key".into()))?;
+            let (key, device) = auth::signer_key(signer)?;
+            initialize(&*backend, device, &key, owner, namespace)?;
         }
         let format = backend.get(Cf::Meta, key::META_FORMAT)?;
         match format {
@@ -368,21 +405,59 @@ impl Store {
             .as_slice()
             .try_into()
             .map_err(|_| StoreError::corrupt("namespace id length"))?;
+        if let Some(signer) = signer.as_deref() {
+            let (key, of) = auth::signer_key(signer)?;
+            if of != device {
+                return Err(StoreError::Invalid(format!(
+                    "the device key is device {of}'s, this store is device {device}'s"
+                )));
+            }
+            if backend.get(Cf::Meta, &key::device_key(&device))?.is_none() {
+                backend.write(
+                    vec![(Cf::Meta, key::device_key(&device), Some(key.to_vec()))],
+                    true,
+                )?;
+            }
+        }
         let stats = match backend.get(Cf::Meta, key::META_STATS)? {
             Some(b) => records::decode("stats", &b)?,
             None => StatsRecord::default(),
         };
+        let mut heads: std::collections::BTreeMap<Writer, (u64, auth::OpHash)> =
+            match backend.get(Cf::Meta, key::META_HEADS)? {
+                Some(b) => records::decode("heads", &b)?,
+                None => Default::default(),
+            };
+        // The last incarnation's ops are another writer's from now on: this opening makes
+        // its ops under a fresh incarnation, so that a store restored from a backup never
+        // reuses an op id its peers hold for other content. (The next commit persists it.)
+        let last_seq = meta_u64(&*backend, key::META_NEXT_SEQ)?.saturating_sub(1);
+        let heads_changed = last_seq > 0;
+        if last_seq > 0 {
+            let inc = meta_u64(&*backend, key::META_INCARNATION)?;
+            let hash: auth::OpHash = backend
+                .get(Cf::Meta, key::META_LAST_HASH)?
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(|| StoreError::corrupt("the last op's hash is missing"))?;
+            heads.insert(
+                Writer {
+                    device,
+                    incarnation: inc,
+                },
+                (last_seq, hash),
+            );
+        }
         let state = WriterState {
             device,
+            namespace,
+            incarnation: u64::from_le_bytes(crate::types::random_bytes()),
             next_ino: meta_u64(&*backend, key::META_NEXT_INO)?,
-            next_seq: meta_u64(&*backend, key::META_NEXT_SEQ)?,
+            next_seq: 1,
+            last_hash: GENESIS,
             hlc: Hlc(meta_u64(&*backend, key::META_HLC)?),
             stats,
-            vv: match backend.get(Cf::Meta, key::META_VV)? {
-                Some(b) => records::decode("version vector", &b)?,
-                None => Default::default(),
-            },
-            vv_changed: false,
+            heads,
+            heads_changed,
         };
         clean_staged(&*backend)?;
         let cache_items = (opts.chunk_cache_bytes / chunk::AVG_CHUNK as u64).max(16) as usize;
@@ -404,6 +479,8 @@ impl Store {
                 writer: Mutex::new(state),
                 device,
                 namespace,
+                signer,
+                durable_seq: AtomicU64::new(0),
                 cache: quick_cache::sync::Cache::with_weighter(
                     cache_items,
                     opts.chunk_cache_bytes,
@@ -420,6 +497,12 @@ impl Store {
     /// This device's id.
     pub fn device(&self) -> DeviceId {
         self.inner.device
+    }
+
+    /// The writer of the ops this store records now: the device and this opening's
+    /// incarnation.
+    pub fn writer(&self) -> Writer {
+        self.inner.writer.lock().writer()
     }
 
     /// The namespace id.
@@ -448,7 +531,7 @@ impl Store {
             .get(Cf::Meta, &key::member(device))?
             .map(|v| records::decode::<MemberRecord>("member", &v))
             .transpose()?
-            .is_some_and(|m| !m.removed))
+            .is_some_and(|m| m.added && !m.removed))
     }
 
     /// Sets the function called after every commit that recorded ops.
@@ -465,12 +548,15 @@ impl Store {
     pub(crate) fn reader(&self) -> Txn<'_> {
         let state = WriterState {
             device: self.inner.device,
+            namespace: self.inner.namespace,
+            incarnation: 0,
             next_ino: 0,
             next_seq: 0,
+            last_hash: GENESIS,
             hlc: Hlc::default(),
             stats: StatsRecord::default(),
-            vv: Default::default(),
-            vv_changed: false,
+            heads: Default::default(),
+            heads_changed: false,
         };
         Txn::new(&*self.inner.backend, state, Timestamp::now())
     }
@@ -1026,18 +1112,23 @@ impl Store {
         self.inner.writer.lock().stats
     }
 
-    /// Ops of `device` from sequence number `from` on, at most `limit`.
-    pub fn ops(&self, device: DeviceId, from: u64, limit: usize) -> Result<Vec<OpRecord>> {
+    /// Ops of `writer` from sequence number `from` on, at most `limit`.
+    pub fn ops(&self, writer: Writer, from: u64, limit: usize) -> Result<Vec<OpRecord>> {
         let mut out = Vec::new();
-        let start = key::op(device, from);
-        let end = kv::prefix_end(&device.0);
+        let prefix = key::writer(writer);
+        let start = key::op_id(crate::types::OpId {
+            device: writer.device,
+            incarnation: writer.incarnation,
+            seq: from,
+        });
+        let end = kv::prefix_end(&prefix);
         let ops = self
             .inner
             .backend
             .scan(Cf::Oplog, &start, end.as_deref(), false);
         for item in ops {
             let (k, v) = item?;
-            if !k.starts_with(&device.0) {
+            if !k.starts_with(&prefix) {
                 break;
             }
             if out.len() >= limit {
@@ -1132,11 +1223,16 @@ impl Store {
         if new_bytes > 0 {
             self.check_space(new_bytes)?;
         }
-        let (batch, new_state, ops) = tx.finish();
+        let (batch, new_state, ops) =
+            tx.finish(self.inner.signer.as_deref(), &self.inner.namespace)?;
         self.inner.backend.write(batch, sync)?;
+        let last_seq = new_state.next_seq - 1;
         *state = new_state;
         self.inner.committed.fetch_add(1, Ordering::Release);
         drop(state);
+        if sync {
+            self.inner.durable_seq.fetch_max(last_seq, Ordering::AcqRel);
+        }
         if !ops.is_empty() {
             let hook = self.inner.on_commit.lock().clone();
             if let Some(hook) = hook {
@@ -1163,10 +1259,19 @@ impl Store {
         if *synced >= target {
             return Ok(());
         }
+        // Every op up to `last_seq` is in the WAL already (commits write under the writer
+        // lock), so the sync below makes them durable.
+        let last_seq = self.inner.writer.lock().next_seq - 1;
         let covering = self.inner.committed.load(Ordering::Acquire);
         self.inner.backend.sync()?;
         *synced = covering;
+        self.inner.durable_seq.fetch_max(last_seq, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The highest sequence number of this incarnation's ops that is durable.
+    pub(crate) fn durable_seq(&self) -> u64 {
+        self.inner.durable_seq.load(Ordering::Acquire)
     }
 
     /// A consistent point-in-time view for whole-store scans (fsck).
@@ -1214,6 +1319,7 @@ fn clean_staged(backend: &dyn Backend) -> Result<()> {
 fn initialize(
     backend: &dyn Backend,
     device: DeviceId,
+    key: &[u8; auth::KEY_LEN],
     owner: RootOwner,
     namespace: Option<[u8; 16]>,
 ) -> Result<()> {
@@ -1252,6 +1358,7 @@ fn initialize(
             Some(FORMAT_VERSION.to_be_bytes().to_vec()),
         ),
         (Cf::Meta, key::META_DEVICE.to_vec(), Some(device.0.to_vec())),
+        (Cf::Meta, key::device_key(&device), Some(key.to_vec())),
         (
             Cf::Meta,
             key::META_NAMESPACE.to_vec(),

@@ -10,6 +10,7 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
+use crate::auth::{self, OpHash, Signer};
 use crate::chunk;
 use crate::error::{Result, StoreError};
 use crate::kv::{self, BatchOp, Cf, Kv, ReadView};
@@ -17,19 +18,35 @@ use crate::records::{
     self, key, BornRecord, DirentRecord, EntryRecord, ExtentRecord, MoveRecord, NodeRecord, OpKind,
     OpRecord, RefRecord, StatsRecord,
 };
-use crate::types::{ChunkId, DeviceId, Hlc, Ino, NodeId, OpId, Timestamp};
+use crate::types::{ChunkId, DeviceId, Hlc, Ino, NodeId, OpId, Timestamp, Writer};
 
 /// Counters and clock owned by the single writer; persisted in `Cf::Meta` with every commit.
 #[derive(Clone, Debug)]
 pub(crate) struct WriterState {
     pub(crate) device: DeviceId,
+    pub(crate) namespace: [u8; 16],
+    /// This opening of the store: the writer of every op made here until it closes.
+    pub(crate) incarnation: u64,
     pub(crate) next_ino: Ino,
     pub(crate) next_seq: u64,
+    /// The hash of this incarnation's last op (`GENESIS` before its first).
+    pub(crate) last_hash: OpHash,
     pub(crate) hlc: Hlc,
     pub(crate) stats: StatsRecord,
-    /// Highest sequence number applied from each other device.
-    pub(crate) vv: BTreeMap<DeviceId, u64>,
-    pub(crate) vv_changed: bool,
+    /// Every other writer's last op held here (earlier incarnations of this device too):
+    /// its sequence number and hash.
+    pub(crate) heads: BTreeMap<Writer, (u64, OpHash)>,
+    pub(crate) heads_changed: bool,
+}
+
+impl WriterState {
+    /// This store's writer (device and incarnation).
+    pub(crate) fn writer(&self) -> Writer {
+        Writer {
+            device: self.device,
+            incarnation: self.incarnation,
+        }
+    }
 }
 
 /// Pending-marker tokens with this bit set mark chunks another device pushed here and has
@@ -315,10 +332,12 @@ impl<'a> Txn<'a> {
         self.put(Cf::Moves, &key::mv(hlc, op, idx), records::encode(m));
     }
 
-    /// Records an op made on this device now; returns its id.
+    /// Records an op made on this device now; returns its id. The op joins this writer's
+    /// hash chain now and is signed when the transaction commits.
     pub(crate) fn record(&mut self, kind: OpKind) -> OpId {
         let id = OpId {
             device: self.state.device,
+            incarnation: self.state.incarnation,
             seq: self.state.next_seq,
         };
         self.state.next_seq += 1;
@@ -326,15 +345,22 @@ impl<'a> Txn<'a> {
         let rec = OpRecord {
             id,
             hlc: self.state.hlc,
+            prev: self.state.last_hash,
             kind,
+            sig: Vec::new(),
         };
-        self.put(
-            Cf::Oplog,
-            &key::op(id.device, id.seq),
-            records::encode(&rec),
-        );
+        self.state.last_hash = auth::op_hash(&rec);
+        self.put_op(&rec);
         self.ops.push(rec);
         id
+    }
+
+    /// Writes `op` into the op log (and the index of membership changes).
+    pub(crate) fn put_op(&mut self, op: &OpRecord) {
+        if matches!(op.kind, OpKind::Member { .. }) {
+            self.put(Cf::Meta, &key::member_op(op.id), Vec::new());
+        }
+        self.put(Cf::Oplog, &key::op_id(op.id), records::encode(op));
     }
 
     /// Allocates a fresh local inode number.
@@ -645,7 +671,24 @@ impl<'a> Txn<'a> {
 
     // ---- finishing --------------------------------------------------------------------
 
-    pub(crate) fn finish(mut self) -> (Vec<BatchOp>, WriterState, Vec<OpRecord>) {
+    /// The transaction's writes, with every op it recorded signed by `signer` (a store
+    /// opened without a device key cannot record ops).
+    pub(crate) fn finish(
+        mut self,
+        signer: Option<&dyn Signer>,
+        namespace: &[u8; 16],
+    ) -> Result<(Vec<BatchOp>, WriterState, Vec<OpRecord>)> {
+        if !self.ops.is_empty() {
+            let signer = signer.ok_or_else(|| {
+                StoreError::Invalid("this store was opened without its device key".into())
+            })?;
+            let mut ops = std::mem::take(&mut self.ops);
+            for op in &mut ops {
+                op.sig = signer.sign(&auth::sign_message(namespace, &auth::op_hash(op)));
+                self.put_op(op);
+            }
+            self.ops = ops;
+        }
         let st = self.state.clone();
         self.put(
             Cf::Meta,
@@ -657,16 +700,26 @@ impl<'a> Txn<'a> {
             key::META_NEXT_SEQ,
             st.next_seq.to_be_bytes().to_vec(),
         );
+        self.put(
+            Cf::Meta,
+            key::META_INCARNATION,
+            st.incarnation.to_be_bytes().to_vec(),
+        );
+        self.put(Cf::Meta, key::META_LAST_HASH, st.last_hash.to_vec());
         self.put(Cf::Meta, key::META_HLC, st.hlc.0.to_be_bytes().to_vec());
         self.put(Cf::Meta, key::META_STATS, records::encode(&st.stats));
-        if st.vv_changed {
-            self.put(Cf::Meta, key::META_VV, records::encode(&st.vv));
+        if st.heads_changed {
+            self.put(Cf::Meta, key::META_HEADS, records::encode(&st.heads));
         }
         let batch = self
             .overlay
             .into_iter()
             .map(|((cf, k), v)| (cf, k, v))
             .collect();
-        (batch, st, self.ops)
+        let st = WriterState {
+            heads_changed: false,
+            ..st
+        };
+        Ok((batch, st, self.ops))
     }
 }

@@ -145,7 +145,7 @@ impl Hlc {
         if wall > self.0 {
             Hlc(wall)
         } else {
-            Hlc(self.0 + 1)
+            Hlc(self.0.saturating_add(1))
         }
     }
 
@@ -155,13 +155,53 @@ impl Hlc {
     }
 }
 
-/// The id of an op: its device and its place in that device's gap-free sequence.
+/// One incarnation of a device's op log: every opening of a store starts a new one, so that a
+/// store restored from a backup (or one that lost the tail of its log in a power cut) never
+/// makes a second, different op under an id its peers already hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Writer {
+    /// The device (the author of every op of this writer).
+    pub device: DeviceId,
+    /// A random id of one opening of the device's store.
+    pub incarnation: u64,
+}
+
+impl Writer {
+    /// Device and incarnation for logs: `0a1b2c3d/5e6f7a8b`.
+    pub fn fmt_short(&self) -> String {
+        format!(
+            "{}/{}",
+            self.device.fmt_short(),
+            hex(&self.incarnation.to_be_bytes()[..4])
+        )
+    }
+}
+
+/// The id of an op: its writer (device and incarnation) and its place in that writer's
+/// gap-free sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct OpId {
-    /// The device that made the change.
+    /// The device that made the change (its author).
     pub device: DeviceId,
-    /// Its sequence number on that device, starting at 1.
+    /// The incarnation of the device's store that made it.
+    pub incarnation: u64,
+    /// Its sequence number in that incarnation, starting at 1.
     pub seq: u64,
+}
+
+impl OpId {
+    /// The writer whose sequence this op belongs to.
+    pub fn writer(&self) -> Writer {
+        Writer {
+            device: self.device,
+            incarnation: self.incarnation,
+        }
+    }
+
+    /// Device, incarnation and sequence number for logs.
+    pub fn fmt_short(&self) -> String {
+        format!("{}#{}", self.writer().fmt_short(), self.seq)
+    }
 }
 
 /// A point in time with nanosecond precision; seconds may be negative (before 1970).
@@ -281,7 +321,20 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Random bytes from the operating system.
+/// Random bytes from the operating system, for secrets and keys: an error if the operating
+/// system has no random source (never a guessable fallback).
+pub fn os_random<const N: usize>() -> crate::Result<[u8; N]> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| {
+        crate::StoreError::Io(std::io::Error::other(format!(
+            "the operating system's random source failed: {e}"
+        )))
+    })?;
+    Ok(buf)
+}
+
+/// Random bytes for ids that must be unique, not secret (node ids, incarnations): from the
+/// operating system, or, where it has no random source, a hash of time, pid and a counter.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     if getrandom::fill(&mut buf).is_err() {

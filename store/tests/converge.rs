@@ -3,11 +3,12 @@
 //! and no lost file version.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use pvfs_store::{
-    ChunkId, DeviceId, FileKind, Ino, NewExtent, NewNode, NodeId, OpId, OpKind, OpRecord,
+    ChunkId, DeviceKey, FileKind, Ino, NewExtent, NewNode, NodeId, OpId, OpKind, OpRecord,
     PreparedChunk, RenameFlags, RootOwner, Store, Timestamp, Version, ROOT_INO,
 };
 
@@ -210,7 +211,8 @@ fn run(s: &Store, a: &Act) {
 /// Delivers at most `max` ops that `to` lacks from `from`; returns how many were new.
 fn sync(from: &Store, to: &Store, max: usize) -> usize {
     let ops = from.ops_after(&to.version_vector(), max).unwrap();
-    let applied = to.apply_remote(&ops, &|_| false).unwrap();
+    let keys = from.device_keys(ops.iter().map(|o| o.id.device)).unwrap();
+    let applied = to.apply_remote(&ops, &keys, &|_| false).unwrap();
     applied.applied
 }
 
@@ -288,9 +290,21 @@ fn all_ops(s: &Store) -> Vec<OpRecord> {
 }
 
 fn check(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
-    let stores: Vec<Store> = (0..n)
-        .map(|i| {
-            Store::in_memory(DeviceId([i as u8 + 1; 16]), RootOwner { uid: 0, gid: 0 }).unwrap()
+    let keys: Vec<Arc<DeviceKey>> = (0..n)
+        .map(|i| Arc::new(DeviceKey::from_seed([i as u8 + 1; 32])))
+        .collect();
+    let stores: Vec<Store> = keys
+        .iter()
+        .map(|k| {
+            let s = Store::in_memory_in(k.clone(), RootOwner { uid: 0, gid: 0 }, [7; 16]).unwrap();
+            s.commit(false, |tx| {
+                for (i, m) in keys.iter().enumerate() {
+                    tx.set_member(m.device(), &format!("dev{i}"), true)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            s
         })
         .collect();
     let mut cut = vec![false; n];

@@ -1,17 +1,35 @@
 //! Store behaviour, checked against both backends (RocksDB and in-memory).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pvfs_store::{
-    DeviceId, FileKind, NewExtent, NewNode, OpKind, PreparedChunk, RenameFlags, RootOwner,
-    SetAttrs, SetTime, Store, StoreError, StoreOptions, Timestamp, XattrMode, ROOT_INO,
+    Applied, DeviceId, DeviceKey, FileKind, NewExtent, NewNode, OpKind, PreparedChunk, RenameFlags,
+    RootOwner, SetAttrs, SetTime, Store, StoreError, StoreOptions, Timestamp, XattrMode, ROOT_INO,
 };
 
-const DEV: DeviceId = DeviceId([1; 16]);
 const OWNER: RootOwner = RootOwner { uid: 0, gid: 0 };
+
+/// The key of the device under test.
+fn key() -> Arc<DeviceKey> {
+    Arc::new(DeviceKey::from_seed([1; 32]))
+}
+
+/// The device under test.
+fn dev() -> DeviceId {
+    key().device()
+}
+
+/// Applies to `to` every op of `from` that it lacks, with the keys of their authors.
+fn pull(to: &Store, from: &Store) -> Applied {
+    let ops = from.ops_after(&to.version_vector(), usize::MAX).unwrap();
+    let keys = from.device_keys(ops.iter().map(|o| o.id.device)).unwrap();
+    to.apply_remote(&ops, &keys, &|_| false).unwrap()
+}
 
 /// Runs `check` against a RocksDB store and an in-memory store.
 fn both(check: impl Fn(&Store)) {
-    let mem = Store::in_memory(DEV, OWNER).unwrap();
+    let mem = Store::in_memory(key(), OWNER).unwrap();
     check(&mem);
     assert!(
         mem.fsck().unwrap().is_clean(),
@@ -19,7 +37,7 @@ fn both(check: impl Fn(&Store)) {
         mem.fsck().unwrap().problems
     );
     let dir = tempfile::tempdir().unwrap();
-    let rocks = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
+    let rocks = Store::create(dir.path(), &StoreOptions::default(), key(), OWNER).unwrap();
     check(&rocks);
     let report = rocks.fsck().unwrap();
     assert!(report.is_clean(), "rocks fsck: {:?}", report.problems);
@@ -364,14 +382,14 @@ fn every_change_is_an_op_in_a_gap_free_sequence() {
         .unwrap();
         // A failed transaction records nothing.
         let _ = s.commit(false, |tx| tx.rmdir(ROOT_INO, b"nope"));
-        let ops = s.ops(DEV, 1, 100).unwrap();
+        let ops = s.ops(s.writer(), 1, 100).unwrap();
         assert_eq!(
             ops.iter().map(|o| o.id.seq).collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
         assert!(ops.windows(2).all(|w| w[0].hlc < w[1].hlc));
         assert!(matches!(ops[2].kind, OpKind::Rename { .. }));
-        assert_eq!(s.ops(DEV, 3, 100).unwrap().len(), 1);
+        assert_eq!(s.ops(s.writer(), 3, 100).unwrap().len(), 1);
     });
 }
 
@@ -379,7 +397,7 @@ fn every_change_is_an_op_in_a_gap_free_sequence() {
 fn rocksdb_store_persists_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let ino = {
-        let s = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
+        let s = Store::create(dir.path(), &StoreOptions::default(), key(), OWNER).unwrap();
         let f = mk(&s, ROOT_INO, "f", FileKind::File);
         let now = Timestamp::now();
         s.commit(true, |tx| {
@@ -397,12 +415,12 @@ fn rocksdb_store_persists_across_reopen() {
         .unwrap();
         f
     };
-    let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let s = Store::open(dir.path(), &StoreOptions::default(), Some(key())).unwrap();
     assert_eq!(read(&s, ino), b"data");
-    assert_eq!(s.device(), DEV);
+    assert_eq!(s.device(), dev());
     assert_eq!(s.stats().files, 1);
     // A second opener is refused with a clear error.
-    let e = Store::open(dir.path(), &StoreOptions::default())
+    let e = Store::open(dir.path(), &StoreOptions::default(), Some(key()))
         .unwrap_err()
         .to_string();
     assert!(e.contains("in use"), "{e}");
@@ -444,14 +462,17 @@ fn pushed_chunks_are_kept_until_the_op_that_references_them() {
         })
         .collect();
     both(|a| {
-        const B: DeviceId = DeviceId([2; 16]);
-        let b = Store::in_memory(B, OWNER).unwrap();
+        let kb = Arc::new(DeviceKey::from_seed([2; 32]));
+        let bdev = kb.device();
+        let b = Store::in_memory_in(kb, OWNER, a.namespace()).unwrap();
+        a.commit(false, |tx| tx.set_member(bdev, "b", true))
+            .unwrap();
         for data in [&b"small, through the WAL"[..], &big[..262_144]] {
             // A holds the data already, in a file it deletes before B's op comes.
             let mine = write_one(a, "mine", data, false);
             let c = chunk(data);
             let pushed = (c.id, c.encoded.clone().unwrap(), data.len() as u32);
-            a.keep_pushed(B, vec![pushed]).unwrap();
+            a.keep_pushed(bdev, vec![pushed]).unwrap();
             a.commit(false, |tx| tx.unlink(ROOT_INO, b"mine", &|_| false))
                 .unwrap();
             assert!(a.node(mine).unwrap().is_none());
@@ -461,11 +482,7 @@ fn pushed_chunks_are_kept_until_the_op_that_references_them() {
             assert_eq!(b.stats().stored_bytes, 0);
             // A serves it before B's op comes, and holds it once it has.
             assert!(a.stored_chunk(&c.id).unwrap().is_some());
-            a.apply_remote(
-                &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
-                &|_| false,
-            )
-            .unwrap();
+            pull(a, &b);
             assert!(a.has_chunk(&c.id).unwrap());
             let on_a = a.lookup(ROOT_INO, b"theirs").unwrap().unwrap().ino;
             assert_eq!(read(a, on_a), data);
@@ -473,25 +490,17 @@ fn pushed_chunks_are_kept_until_the_op_that_references_them() {
             b.commit(false, |tx| tx.unlink(ROOT_INO, b"theirs", &|_| false))
                 .unwrap();
             assert!(b.node(theirs).unwrap().is_none());
-            a.apply_remote(
-                &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
-                &|_| false,
-            )
-            .unwrap();
+            pull(a, &b);
             assert!(a.stored_chunk(&c.id).unwrap().is_none());
         }
         // A chunk whose op has not come is served, and survives until it does.
         let c = chunk(&big[262_144..]);
         let pushed = (c.id, c.encoded.clone().unwrap(), c.plain.len() as u32);
-        a.keep_pushed(B, vec![pushed]).unwrap();
+        a.keep_pushed(bdev, vec![pushed]).unwrap();
         assert_eq!(a.stored_chunk(&c.id).unwrap().unwrap().1, 300_000 - 262_144);
         assert!(a.stored_chunk(&c.id).unwrap().is_some());
         write_one(&b, "later", &big[262_144..], true);
-        a.apply_remote(
-            &b.ops_after(&a.version_vector(), usize::MAX).unwrap(),
-            &|_| false,
-        )
-        .unwrap();
+        pull(a, &b);
         let on_a = a.lookup(ROOT_INO, b"later").unwrap().unwrap().ino;
         assert_eq!(read(a, on_a), &big[262_144..]);
     });
@@ -502,11 +511,11 @@ fn pushed_chunks_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let c = chunk(b"pushed before a restart");
     {
-        let s = Store::create(dir.path(), &StoreOptions::default(), DEV, OWNER).unwrap();
+        let s = Store::create(dir.path(), &StoreOptions::default(), key(), OWNER).unwrap();
         let pushed = (c.id, c.encoded.clone().unwrap(), c.plain.len() as u32);
         s.keep_pushed(DeviceId([2; 16]), vec![pushed]).unwrap();
     }
-    let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let s = Store::open(dir.path(), &StoreOptions::default(), Some(key())).unwrap();
     let (data, len) = s.stored_chunk(&c.id).unwrap().unwrap();
     assert_eq!(len as usize, c.plain.len());
     assert_eq!(data, c.encoded.unwrap());

@@ -47,6 +47,7 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
             "uptime_secs": node.started.elapsed().as_secs(),
             "online_only": node.store.is_online_only(),
             "stats": stats(&node.store),
+            "equivocating": equivocating(&node.store)?,
         })),
         Request::Stats => Ok(stats(&node.store)),
         Request::Fsck => fsck(&node.store),
@@ -64,7 +65,7 @@ pub fn answer(node: &Node, req: &Request) -> anyhow::Result<Value> {
         }
         Request::RemoveDevice { name } => {
             let n = node.network()?;
-            let (device, v) = crate::network::remove_device(&node.store, name, &*n.cert)?;
+            let (device, v) = crate::network::remove_device(&node.store, name)?;
             n.disconnect(device);
             Ok(v)
         }
@@ -171,6 +172,13 @@ pub fn print_human(req: &Request, v: &Value) {
                         .unwrap_or_else(|| v[k].to_string())
                 );
             }
+            for e in v["equivocating"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "WARNING      device {} signed two different ops as {} (evidence kept)",
+                    e["device"].as_str().unwrap_or_default(),
+                    e["op"].as_str().unwrap_or_default()
+                );
+            }
         }
         Request::Invite { .. } => println!("{}", v["token"].as_str().unwrap_or_default()),
         Request::Peers => {
@@ -265,4 +273,14 @@ pub fn print_human(req: &Request, v: &Value) {
 /// True if an fsck answer reports no problems.
 pub fn fsck_clean(v: &Value) -> bool {
     v["problems"].as_array().is_some_and(|p| p.is_empty())
+}
+
+/// Devices caught signing two different ops under one id, with the op id.
+fn equivocating(store: &pvfs_store::Store) -> anyhow::Result<Value> {
+    let rows: Vec<Value> = store
+        .evidence()?
+        .into_iter()
+        .map(|(d, e)| json!({ "device": d.to_string(), "op": e.held.id.fmt_short() }))
+        .collect();
+    Ok(Value::Array(rows))
 }

@@ -61,7 +61,25 @@ fn make_data_dir(data: &DataDir) -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(root)
-        .with_context(|| format!("creating data directory {}", root.display()))
+        .with_context(|| format!("creating data directory {}", root.display()))?;
+    tighten_data_dir(data)
+}
+
+/// Makes the data directory private to its owner (it holds the device key and the admin
+/// socket): an existing one made with a looser mode is tightened.
+fn tighten_data_dir(data: &DataDir) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = data.root();
+    let mode = std::fs::metadata(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (mode 0700)", root.display()))?;
+        tracing::info!(path = %root.display(), "made the data directory private (mode 0700)");
+    }
+    Ok(())
 }
 
 /// The device name: from the config, else the host name.
@@ -92,6 +110,7 @@ fn create_store(
     identity: &Identity,
     namespace: Option<[u8; 16]>,
 ) -> anyhow::Result<Store> {
+    let signer = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
     let owner = RootOwner {
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
@@ -99,7 +118,7 @@ fn create_store(
     Store::create_in(
         data.root(),
         &store_options(config),
-        identity.device_id(),
+        signer,
         owner,
         namespace,
     )
@@ -127,8 +146,7 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     let identity = load_or_create_identity(data)?;
     let store = create_store(data, &config, &identity, None)?;
     let name = device_name(&config);
-    let cert = DeviceCert::from_key_pem(&identity.pem())?;
-    store.commit(true, |tx| tx.set_member(store.device(), &name, true, &cert))?;
+    store.commit(true, |tx| tx.set_member(store.device(), &name, true))?;
     tracing::info!(device = %store.device(), %name, "created a new device and namespace");
     Ok(store)
 }
@@ -146,7 +164,7 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     let name = device_name(&config);
     let identity = load_or_create_identity(data)?;
     let cert = DeviceCert::from_key_pem(&identity.pem())?;
-    let (invite, namespace, inviter_name) = crate::network::join(token, &cert, &name)?;
+    let (invite, welcome) = crate::network::join(token, &cert, &name)?;
     // Remember the inviting device's addresses (and our name) for the next mount.
     let path = data.config();
     let mut table: toml::Table = match std::fs::read_to_string(&path) {
@@ -173,12 +191,17 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     let text = toml::to_string(&table)?;
     Config::parse(&text, &path)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let store = create_store(data, &config, &identity, Some(namespace))?;
-    let cert = DeviceCert::from_key_pem(&identity.pem())?;
-    store.commit(true, |tx| {
-        tx.set_member(store.device(), &name, true, &cert)?;
-        tx.set_member(invite.inviter, &inviter_name, true, &cert)
-    })?;
+    let store = create_store(data, &config, &identity, Some(welcome.namespace))?;
+    // The namespace's members as the inviter knows them, each change signed by its author:
+    // this device then trusts every member, not only its inviter.
+    store
+        .seed_members(&welcome.members, &welcome.keys)
+        .context("the inviting device's member list")?;
+    anyhow::ensure!(
+        store.is_member(&store.device())? && store.is_member(&invite.inviter)?,
+        "the inviting device's member list does not show this device joined"
+    );
+    let inviter_name = welcome.inviter_name;
     tracing::info!(device = %store.device(), %name, inviter = %inviter_name, "joined the namespace");
     Ok(store)
 }
@@ -187,8 +210,10 @@ fn open_store(data: &DataDir, config: &Config) -> anyhow::Result<Store> {
     if !Store::exists(data.root()) {
         return init(data, None);
     }
+    tighten_data_dir(data)?;
     let identity = Identity::load(&data.identity())?;
-    let store = Store::open(data.root(), &store_options(config))?;
+    let signer = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
+    let store = Store::open(data.root(), &store_options(config), Some(signer))?;
     anyhow::ensure!(
         store.device() == identity.device_id(),
         "{}: the store belongs to device {} but the key to {}",

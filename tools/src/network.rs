@@ -30,8 +30,6 @@ pub struct Network {
     /// Sessions, sync and fetch.
     pub net: Net,
     inviter: Arc<Inviter>,
-    /// Signs this device's membership changes.
-    pub(crate) cert: Arc<DeviceCert>,
     runtime: tokio::runtime::Handle,
     discovery: Arc<std::sync::Mutex<Option<pvfs_net::discovery::Discovery>>>,
 }
@@ -127,7 +125,6 @@ pub fn start(runtime: &tokio::runtime::Runtime, w: Wiring<'_>) -> anyhow::Result
     Ok(Network {
         net,
         inviter,
-        cert,
         runtime: runtime.handle().clone(),
         discovery: Arc::new(std::sync::Mutex::new(discovery)),
     })
@@ -295,11 +292,7 @@ pub fn devices(store: &Store, connected: &[DeviceId]) -> anyhow::Result<Value> {
 }
 
 /// `devices remove NAME`: removes a member for good (by name or device id prefix).
-pub fn remove_device(
-    store: &Store,
-    which: &str,
-    signer: &dyn pvfs_store::Signer,
-) -> anyhow::Result<(DeviceId, Value)> {
+pub fn remove_device(store: &Store, which: &str) -> anyhow::Result<(DeviceId, Value)> {
     let members = store.members()?;
     let matches: Vec<_> = members
         .iter()
@@ -312,7 +305,7 @@ pub fn remove_device(
     };
     anyhow::ensure!(*device != store.device(), "a device cannot remove itself");
     let (device, name) = (*device, m.name.clone());
-    store.commit(true, |tx| tx.set_member(device, &name, false, signer))?;
+    store.commit(true, |tx| tx.set_member(device, &name, false))?;
     Ok((
         device,
         json!({ "removed": device.to_string(), "name": name }),
@@ -325,13 +318,13 @@ pub fn join(
     token: &str,
     cert: &DeviceCert,
     name: &str,
-) -> anyhow::Result<(Invite, [u8; 16], String)> {
+) -> anyhow::Result<(Invite, pvfs_net::join::Welcome)> {
     let invite = Invite::from_token(token)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (namespace, inviter_name) = runtime
+    let welcome = runtime
         .block_on(pvfs_net::join::join(&invite, cert, name))
         .context("joining")?;
-    Ok((invite, namespace, inviter_name))
+    Ok((invite, welcome))
 }

@@ -61,6 +61,12 @@ impl ReadView for MemSnapshot {
 }
 
 impl Backend for MemBackend {
+    fn copy_in_memory(&self) -> Option<Box<dyn Backend>> {
+        Some(Box::new(MemBackend {
+            tables: RwLock::new(self.tables.read().clone()),
+        }))
+    }
+
     fn write(&self, batch: Vec<BatchOp>, _sync: bool) -> Result<()> {
         let mut tables = self.tables.write();
         for (cf, key, value) in batch {

@@ -88,12 +88,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     reserve_bytes: config.store.reserve_mb << 20,
                     ..Default::default()
                 };
-                let store = pvfs_store::Store::open(data.root(), &opts).with_context(|| {
-                    format!(
-                        "no daemon is running and the store in {} cannot be opened",
-                        data.root().display()
-                    )
-                })?;
+                let store =
+                    pvfs_store::Store::open(data.root(), &opts, None).with_context(|| {
+                        format!(
+                            "no daemon is running and the store in {} cannot be opened",
+                            data.root().display()
+                        )
+                    })?;
                 match req {
                     Request::Fsck => admin::fsck(&store)?,
                     _ => admin::stats(&store),

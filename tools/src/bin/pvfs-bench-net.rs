@@ -67,13 +67,13 @@ fn device(
     let store = Store::create_in(
         &dir.join(name),
         &StoreOptions::default(),
-        c.device(),
+        c.clone(),
         owner,
         Some(NS),
     )?;
     store.commit(false, |tx| {
         for (i, m) in members.iter().enumerate() {
-            tx.set_member(m.device(), &format!("dev{i}"), true, &*c)?;
+            tx.set_member(m.device(), &format!("dev{i}"), true)?;
         }
         Ok(())
     })?;

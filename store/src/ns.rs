@@ -112,11 +112,14 @@ impl<'a> Txn<'a> {
             .ok_or_else(|| StoreError::NotFound(String::from_utf8_lossy(name).into_owned()))
     }
 
-    /// Sets a directory's mtime and ctime to now and adjusts its link count.
+    /// Sets a directory's mtime and ctime to now and adjusts its link count. The mtime
+    /// register takes the clock of the op about to be recorded, as every device applying the
+    /// op does (`Txn::dir_times`), so directory times converge.
     fn touch_dir(&mut self, ino: Ino, nlink_delta: i32) -> Result<()> {
         let mut d = self.node_req(ino)?;
         d.mtime = self.now();
         d.ctime = self.now();
+        d.stamps.mtime = self.state.hlc.tick(self.now().millis());
         d.nlink = d.nlink.saturating_add_signed(nlink_delta);
         self.put_node(ino, &d);
         Ok(())
@@ -233,6 +236,7 @@ impl<'a> Txn<'a> {
         let born = BornRecord {
             created: op,
             version: None,
+            attrs: None,
         };
         self.put(Cf::Born, &key::node_id(rec.id), records::encode(&born));
         self.moved_local(
@@ -331,11 +335,12 @@ impl<'a> Txn<'a> {
         }
         self.delete(Cf::Nodes, &key::ino(ino));
         self.delete(Cf::Ids, &key::node_id(n.id));
-        if n.version.is_some() {
-            if let Some(mut born) = self.born(n.id)? {
+        if let Some(mut born) = self.born(n.id)? {
+            if n.version.is_some() {
                 born.version = n.version;
-                self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
             }
+            born.attrs = Some(crate::records::Attrs::of(n));
+            self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
         }
         self.delete(Cf::Orphans, &key::ino(ino));
         let s = &mut self.state.stats;

@@ -97,6 +97,43 @@ pub(crate) struct BornRecord {
     pub created: OpId,
     /// The content version the node had when it was last deleted.
     pub version: Option<OpId>,
+    /// Its attribute registers while it is deleted here (`None`: as its `Create` op made
+    /// them): ops that change them go on applying, so that a node a late op brings back
+    /// has the attributes it has everywhere else.
+    pub attrs: Option<Attrs>,
+}
+
+/// The last-writer-wins attributes of a node, kept in `BornRecord` while it is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Attrs {
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub stamps: Stamps,
+}
+
+impl Attrs {
+    pub(crate) fn of(n: &NodeRecord) -> Attrs {
+        Attrs {
+            perm: n.perm,
+            uid: n.uid,
+            gid: n.gid,
+            atime: n.atime,
+            mtime: n.mtime,
+            stamps: n.stamps,
+        }
+    }
+
+    pub(crate) fn apply_to(&self, n: &mut NodeRecord) {
+        n.perm = self.perm;
+        n.uid = self.uid;
+        n.gid = self.gid;
+        n.atime = self.atime;
+        n.mtime = self.mtime;
+        n.stamps = self.stamps;
+    }
 }
 
 /// A member device of the namespace, in `Cf::Meta` under `member/<device>`.

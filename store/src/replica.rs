@@ -572,6 +572,7 @@ impl Txn<'_> {
                 let born = BornRecord {
                     created: op.id,
                     version: None,
+                    attrs: None,
                 };
                 self.put(Cf::Born, &key::node_id(*node), records::encode(&born));
                 self.build_node(*node, op)?;
@@ -711,6 +712,7 @@ impl Txn<'_> {
                 Vec::new()
             }
         };
+        self.dir_times(op, cx)?;
         for m in &moves {
             if m.entry == NodeId::ROOT || m.node == NodeId::ROOT {
                 return Err(invalid("the root cannot move"));
@@ -723,6 +725,35 @@ impl Txn<'_> {
         }
         if !moves.is_empty() {
             self.apply_moves(op, moves, cx)?;
+        }
+        Ok(())
+    }
+
+    /// A name op changes the mtime of the directories it names (as `touch_dir` does where it
+    /// is made): a last-writer-wins register by clock, so that every device ends with the
+    /// same time whatever the order of ops, undo and redo.
+    fn dir_times(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
+        let (dirs, time) = match &op.kind {
+            OpKind::Create { parent, time, .. }
+            | OpKind::Link { parent, time, .. }
+            | OpKind::Unlink { parent, time, .. } => ([*parent, *parent], *time),
+            OpKind::Rename {
+                from_parent,
+                to_parent,
+                time,
+                ..
+            } => ([*from_parent, *to_parent], *time),
+            _ => return Ok(()),
+        };
+        for dir in dirs {
+            let Some((ino, mut d)) = self.node_or_ghost(dir)? else {
+                continue;
+            };
+            if d.kind == FileKind::Dir && (op.hlc, time) > (d.stamps.mtime, d.mtime) {
+                d.stamps.mtime = op.hlc;
+                d.mtime = time;
+                self.put_node_or_ghost(ino, &d, cx)?;
+            }
         }
         Ok(())
     }
@@ -746,8 +777,75 @@ impl Txn<'_> {
         }
     }
 
-    /// Makes the local record of a node from its `Create` op, with no names yet.
+    /// Makes the local record of a node from its `Create` op, with no names yet, and the
+    /// attributes ops gave it while it was deleted here.
     fn build_node(&mut self, id: NodeId, create: &OpRecord) -> Result<Ino> {
+        let mut rec = record_from_create(id, create)?;
+        if let Some(a) = self.born(id)?.and_then(|b| b.attrs) {
+            a.apply_to(&mut rec);
+        }
+        let ino = self.alloc_ino();
+        self.put_node(ino, &rec);
+        self.map_id(id, ino);
+        let s = &mut self.state.stats;
+        s.nodes += 1;
+        match rec.kind {
+            FileKind::Dir => s.dirs += 1,
+            FileKind::File => s.files += 1,
+            _ => {}
+        }
+        Ok(ino)
+    }
+
+    /// A node deleted here, as it would be if brought back now (`None`: never created here).
+    fn ghost(&self, id: NodeId) -> Result<Option<NodeRecord>> {
+        let Some(born) = self.born(id)? else {
+            return Ok(None);
+        };
+        let create = self
+            .op_at(born.created)?
+            .ok_or_else(|| StoreError::corrupt(format!("node {id}: create op missing")))?;
+        let mut rec = record_from_create(id, &create)?;
+        if let Some(a) = born.attrs {
+            a.apply_to(&mut rec);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Keeps the attributes of `n`, a node deleted here, for when a late op brings it back.
+    fn bury(&mut self, n: &NodeRecord) -> Result<()> {
+        if let Some(mut born) = self.born(n.id)? {
+            born.attrs = Some(records::Attrs::of(n));
+            self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
+        }
+        Ok(())
+    }
+
+    /// The node record of a live node, or of one deleted here (its ghost): `(ino, record)`,
+    /// with no ino for a ghost.
+    fn node_or_ghost(&self, node: NodeId) -> Result<Option<(Option<Ino>, NodeRecord)>> {
+        if let Some((ino, n)) = self.remote_node(node)? {
+            return Ok(Some((Some(ino), n)));
+        }
+        Ok(self.ghost(node)?.map(|n| (None, n)))
+    }
+
+    /// Stores a record from `node_or_ghost` back where it came from.
+    fn put_node_or_ghost(&mut self, ino: Option<Ino>, n: &NodeRecord, cx: &mut Cx) -> Result<()> {
+        match ino {
+            Some(ino) => {
+                self.put_node(ino, n);
+                cx.nodes.insert(ino);
+                Ok(())
+            }
+            None => self.bury(n),
+        }
+    }
+}
+
+/// A node's record as its `Create` op made it, with no names yet.
+fn record_from_create(id: NodeId, create: &OpRecord) -> Result<NodeRecord> {
+    {
         let OpKind::Create {
             kind,
             perm,
@@ -761,9 +859,8 @@ impl Txn<'_> {
         else {
             return Err(StoreError::corrupt(format!("node {id}: no create op")));
         };
-        let ino = self.alloc_ino();
         let is_dir = *kind == FileKind::Dir;
-        let rec = NodeRecord {
+        Ok(NodeRecord {
             id,
             kind: *kind,
             perm: perm & 0o7777,
@@ -780,19 +877,11 @@ impl Txn<'_> {
             version: None,
             stamps: Default::default(),
             target: target.clone(),
-        };
-        self.put_node(ino, &rec);
-        self.map_id(id, ino);
-        let s = &mut self.state.stats;
-        s.nodes += 1;
-        match kind {
-            FileKind::Dir => s.dirs += 1,
-            FileKind::File => s.files += 1,
-            _ => {}
-        }
-        Ok(ino)
+        })
     }
+}
 
+impl Txn<'_> {
     /// The local ino of `node`, rebuilding the node from the log if it was deleted here.
     fn ino_for(&mut self, node: NodeId, cx: &mut Cx) -> Result<Ino> {
         if node == NodeId::ROOT {
@@ -910,7 +999,6 @@ impl Txn<'_> {
             let d = tx.ino_for(dir, cx)?;
             let mut rec = tx.node_req(d)?;
             rec.nlink = rec.nlink.saturating_add_signed(delta);
-            rec.mtime = now;
             rec.ctime = now;
             tx.put_node(d, &rec);
             Ok(d)
@@ -1182,7 +1270,8 @@ impl Txn<'_> {
         ctime: Timestamp,
         cx: &mut Cx,
     ) -> Result<()> {
-        let Some((ino, mut n)) = self.remote_node(node)? else {
+        // A node deleted here keeps its registers too, for a late op that brings it back.
+        let Some((ino, mut n)) = self.node_or_ghost(node)? else {
             return Ok(());
         };
         // Each register: the later clock wins; on a tie, the larger value.
@@ -1217,9 +1306,7 @@ impl Txn<'_> {
             }
         }
         n.ctime = n.ctime.max(ctime);
-        self.put_node(ino, &n);
-        cx.nodes.insert(ino);
-        Ok(())
+        self.put_node_or_ghost(ino, &n, cx)
     }
 
     fn remote_xattr(

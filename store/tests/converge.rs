@@ -9,7 +9,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use pvfs_store::{
     ChunkId, DeviceKey, FileKind, Ino, NewExtent, NewNode, NodeId, OpId, OpKind, OpRecord,
-    PreparedChunk, RenameFlags, RootOwner, Store, Timestamp, Version, ROOT_INO,
+    PreparedChunk, RenameFlags, RootOwner, SetAttrs, SetTime, Store, Timestamp, Version, ROOT_INO,
 };
 
 const NAMES: [&str; 4] = ["a", "b.txt", "c", "d.txt"];
@@ -44,6 +44,12 @@ enum Act {
         dir: usize,
         name: usize,
     },
+    /// chmod and utimes of any node (the root included).
+    SetAttr {
+        node: usize,
+        perm: u16,
+        secs: u16,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +78,8 @@ fn act() -> impl Strategy<Value = Act> {
         2 => any::<usize>().prop_map(|node| Act::Remove { node }),
         1 => (any::<usize>(), any::<usize>(), 0..NAMES.len())
             .prop_map(|(file, dir, name)| Act::Link { file, dir, name }),
+        2 => (any::<usize>(), any::<u16>(), any::<u16>())
+            .prop_map(|(node, perm, secs)| Act::SetAttr { node, perm, secs }),
     ]
 }
 
@@ -183,6 +191,21 @@ fn run(s: &Store, a: &Act) {
                 )
             })
         }
+        Act::SetAttr { node, perm, secs } => {
+            let inos: Vec<Ino> = std::iter::once(ROOT_INO)
+                .chain(all.iter().map(|x| x.2))
+                .collect();
+            let ino = inos[node % inos.len()];
+            let attrs = SetAttrs {
+                perm: Some(u32::from(*perm) & 0o777),
+                mtime: Some(SetTime::At(Timestamp {
+                    sec: i64::from(*secs),
+                    nsec: 0,
+                })),
+                ..SetAttrs::default()
+            };
+            s.commit(false, |tx| tx.setattr(ino, &attrs).map(|_| ()))
+        }
         Act::Remove { node } => {
             if all.is_empty() {
                 return;
@@ -216,11 +239,37 @@ fn sync(from: &Store, to: &Store, max: usize) -> usize {
     applied.applied
 }
 
-type Dump = Vec<(Vec<u8>, FileKind, u64, Vec<(u64, ChunkId, u32)>, NodeId)>;
+type Dump = Vec<(
+    Vec<u8>,
+    FileKind,
+    u64,
+    Vec<(u64, ChunkId, u32)>,
+    NodeId,
+    (Timestamp, u32),
+)>;
 
-/// The tree by path, with each file's size and extents.
+/// The tree by path, with each node's size, extents and modification time.
 fn dump(s: &Store) -> Dump {
-    let mut out = Vec::new();
+    // Each device made its own root: its time is the same everywhere once an op set it.
+    let root = s.node(ROOT_INO).unwrap().unwrap();
+    let root_mtime = if root.stamps.mtime == Default::default() {
+        Timestamp::default()
+    } else {
+        root.mtime
+    };
+    let root_perm = if root.stamps.mode == Default::default() {
+        0
+    } else {
+        root.perm
+    };
+    let mut out = vec![(
+        b"/".to_vec(),
+        FileKind::Dir,
+        0,
+        Vec::new(),
+        root.id,
+        (root_mtime, root_perm),
+    )];
     let mut dirs = vec![(ROOT_INO, Vec::new())];
     while let Some((d, path)) = dirs.pop() {
         for (name, e) in s.list_dir(d).unwrap() {
@@ -237,7 +286,7 @@ fn dump(s: &Store) -> Dump {
             if e.kind == FileKind::Dir {
                 dirs.push((e.ino, p.clone()));
             }
-            out.push((p, e.kind, n.size, ext, n.id));
+            out.push((p, e.kind, n.size, ext, n.id, (n.mtime, n.perm)));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -246,16 +295,18 @@ fn dump(s: &Store) -> Dump {
 
 fn show(d: &Dump) -> String {
     d.iter()
-        .map(|(p, k, size, ext, id)| {
+        .map(|(p, k, size, ext, id, (mtime, perm))| {
             let ext: Vec<String> = ext
                 .iter()
                 .map(|(o, c, l)| format!("{o}+{l}:{}", &c.fmt_short()[..4]))
                 .collect();
             format!(
-                "  {} {k:?} {size} [{}] {}",
+                "  {} {k:?} {size} [{}] {} mtime {}.{:09} mode {perm:o}",
                 String::from_utf8_lossy(p),
                 ext.join(" "),
-                &id.to_string()[..6]
+                &id.to_string()[..6],
+                mtime.sec,
+                mtime.nsec
             )
         })
         .collect::<Vec<_>>()

@@ -57,9 +57,13 @@ fn pair_with(a: &Scratch, b: &Scratch, b_extra: &str) -> (Daemon, Daemon, String
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(token.lines().count(), 1, "one line: {token:?}");
     let data_b = b.data();
+    // From a file, as a careful user would: a token on the command line is visible in /proc.
+    let token_file = b.mnt().with_extension("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let out = pvfs(&[
         OsStr::new("join"),
-        OsStr::new(&token),
+        OsStr::new("--token-file"),
+        token_file.as_os_str(),
         OsStr::new("--data"),
         data_b.as_os_str(),
         OsStr::new("--name"),

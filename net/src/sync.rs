@@ -104,6 +104,33 @@ pub struct PeerInfo {
     pub served_bytes: u64,
     /// Chunks it asked for that this device does not hold.
     pub not_held: u64,
+    /// `in sync` (this device holds every op the peer had), `catching up`, or `starting`
+    /// (no op exchange yet on this connection).
+    pub sync: &'static str,
+    /// Ops the peer had when the session began that this device still lacks (refused
+    /// ones included).
+    pub behind_ops: u64,
+    /// The last op of the peer's that was refused, and why.
+    pub last_error: Option<String>,
+}
+
+/// Where the op exchange with one peer stands.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// The peer's version vector from its `Hello` (`None` before it came).
+    peer_had: Option<VersionVector>,
+    /// Ops of `peer_had` this device lacks.
+    behind: u64,
+    last_error: Option<String>,
+    /// Writers whose refusal was logged at warn level on this connection.
+    warned: std::collections::HashSet<pvfs_store::Writer>,
+}
+
+/// Ops in `had` that `have` lacks.
+fn lacking(had: &VersionVector, have: &VersionVector) -> u64 {
+    had.iter()
+        .map(|(w, &seq)| seq.saturating_sub(have.get(w).copied().unwrap_or(0)))
+        .sum()
 }
 
 struct Session {
@@ -121,6 +148,8 @@ struct Session {
     served: Arc<Served>,
     /// What it announced it holds (`None` until its filter arrives).
     holdings: Mutex<Option<Holdings>>,
+    /// The op exchange.
+    sync: Mutex<SyncState>,
 }
 
 impl Session {
@@ -496,6 +525,15 @@ impl Net {
             .values()
             .map(|s| {
                 let stats = s.conn.stats();
+                let (sync, behind_ops, last_error) = {
+                    let st = s.sync.lock().expect("sync lock");
+                    let state = match (&st.peer_had, st.behind) {
+                        (None, _) => "starting",
+                        (Some(_), 0) => "in sync",
+                        (Some(_), _) => "catching up",
+                    };
+                    (state, st.behind, st.last_error.clone())
+                };
                 PeerInfo {
                     device: s.device.to_string(),
                     addr: s.conn.remote_address(),
@@ -514,6 +552,9 @@ impl Net {
                         .map(Holdings::count),
                     served_bytes: s.served.bytes.load(Ordering::Relaxed),
                     not_held: s.served.missing.load(Ordering::Relaxed),
+                    sync,
+                    behind_ops,
+                    last_error,
                 }
             })
             .collect()
@@ -676,6 +717,7 @@ impl Shared {
             requester: Requester::new(peer.conn.clone()),
             served: Arc::default(),
             holdings: Mutex::new(None),
+            sync: Mutex::default(),
         });
         session.touch();
         self.sessions
@@ -789,6 +831,12 @@ impl Shared {
             ));
         }
         let peer_have: VersionVector = hello.have.into_iter().collect();
+        {
+            let behind = lacking(&peer_have, &self.version_vector().await?);
+            let mut st = session.sync.lock().expect("sync lock");
+            st.peer_had = Some(peer_have.clone());
+            st.behind = behind;
+        }
         let sender = tokio::spawn(self.clone().push(send, peer_have));
         let res = self.receive(&peer, &session, recv).await;
         sender.abort();
@@ -951,13 +999,13 @@ impl Shared {
             let is_open = self.hooks.is_open.clone();
             let (keys, ops) = ops;
             let n = ops.len();
-            let applied =
-                tokio::task::spawn_blocking(move || store.apply_remote(&ops, &keys, &*is_open))
-                    .await
-                    .map_err(blocking_err)?
-                    .map_err(|e| {
-                        NetError::Malformed(format!("ops from {}: {e}", peer.device.fmt_short()))
-                    })?;
+            let (applied, have) = tokio::task::spawn_blocking(move || {
+                let applied = store.apply_remote(&ops, &keys, &*is_open)?;
+                Ok::<_, StoreError>((applied, store.version_vector()))
+            })
+            .await
+            .map_err(blocking_err)??;
+            self.note_refused(peer, session, &applied, &have);
             tracing::debug!(
                 device = %peer.device.fmt_short(),
                 received = n,
@@ -970,6 +1018,36 @@ impl Shared {
                 // Other peers may lack these too.
                 self.changed.send_modify(|v| *v += 1);
             }
+        }
+    }
+
+    /// Records what a batch from `peer` left undone: refused ops are logged (at warn level
+    /// once per writer and connection) and shown by `pvfs-admin peers`; the session goes on,
+    /// and they are offered again on the next connection.
+    fn note_refused(
+        &self,
+        peer: &Peer,
+        session: &Session,
+        applied: &Applied,
+        have: &VersionVector,
+    ) {
+        let mut st = session.sync.lock().expect("sync lock");
+        if let Some(had) = &st.peer_had {
+            st.behind = lacking(had, have);
+        }
+        for r in &applied.refused {
+            let first = st.warned.insert(r.op.writer());
+            if first {
+                tracing::warn!(
+                    device = %peer.device.fmt_short(),
+                    op = %r.op.fmt_short(),
+                    "refused an op and the ops after it of its writer: {}",
+                    r.reason
+                );
+            } else {
+                tracing::debug!(op = %r.op.fmt_short(), "refused an op: {}", r.reason);
+            }
+            st.last_error = Some(format!("op {}: {}", r.op.fmt_short(), r.reason));
         }
     }
 

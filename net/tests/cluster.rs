@@ -1,6 +1,7 @@
 //! In-process clusters: several devices, each a store and a QUIC endpoint on 127.0.0.1, in one
 //! namespace. Changes on any device show on all; content made elsewhere is fetched, checked
-//! and stored; strangers get nothing; a lying peer is caught.
+//! and stored; strangers get nothing; a lying peer is caught; a hostile member's forged,
+//! equivocating and far-future ops are refused one by one while sync goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -554,4 +555,131 @@ async fn an_online_only_device_hands_off_what_it_wrote_alone() {
         let report = d.store.fsck().unwrap();
         assert!(report.is_clean(), "{:?}", report.problems);
     }
+}
+
+/// Signs `op` again with `key` (after its fields were changed).
+fn resign(op: &mut pvfs_store::OpRecord, key: &DeviceCert) {
+    use pvfs_store::Signer;
+    op.sig = key.sign(&pvfs_store::sign_message(&NS, &pvfs_store::op_hash(op)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_member_is_refused_op_by_op_and_sync_goes_on() {
+    let devs = cluster(2);
+    let (a, b) = (&devs[0], &devs[1]);
+    connect(b, a);
+    // M: a member holding its key, that speaks the wire protocol itself.
+    let m_cert = Arc::new(cert());
+    let m = m_cert.device();
+    for d in [a, b] {
+        d.store
+            .commit(false, |tx| tx.set_member(m, "mallory", true))
+            .unwrap();
+    }
+    let m_store = Store::in_memory_in(m_cert.clone(), OWNER, NS).unwrap();
+    m_store
+        .commit(false, |tx| {
+            tx.create(ROOT_INO, b"from-m", regular()).map(|_| ())
+        })
+        .unwrap();
+    let m_ops = m_store.ops_after(&Default::default(), usize::MAX).unwrap();
+    let m_key: [u8; 32] = pvfs_store::Signer::public_key(&*m_cert).try_into().unwrap();
+    let first = m_ops[0].clone();
+
+    let ep = Endpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &m_cert,
+        Arc::new(pvfs_net::sync::StoreMembers(b.store.clone())),
+    )
+    .unwrap();
+    let peer = ep.connect(a.net.local_addr().unwrap()).await.unwrap();
+    let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
+    let hello = Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        device: m,
+        namespace: namespace_hash(&NS),
+        have: Vec::new(),
+    });
+    wire::write_message(&mut send, &hello).await.unwrap();
+    // Whatever A sends is read and dropped.
+    tokio::spawn(async move { while let Ok(Some(_)) = wire::read_message(&mut recv).await {} });
+    let send_ops = |ops: Vec<pvfs_store::OpRecord>| Message::Ops {
+        keys: vec![m_key],
+        ops,
+    };
+    // Its genuine op, then: an op in B's name, signed by M.
+    wire::write_message(&mut send, &send_ops(m_ops.clone()))
+        .await
+        .unwrap();
+    let mut forged = first.clone();
+    forged.id.device = b.cert.device();
+    resign(&mut forged, &m_cert);
+    wire::write_message(&mut send, &send_ops(vec![forged]))
+        .await
+        .unwrap();
+    // A second op under the id of its first (equivocation).
+    let mut twin = first.clone();
+    if let pvfs_store::OpKind::Create { name, .. } = &mut twin.kind {
+        *name = b"twin".to_vec();
+    }
+    resign(&mut twin, &m_cert);
+    wire::write_message(&mut send, &send_ops(vec![twin]))
+        .await
+        .unwrap();
+    // An op with a clock three hours ahead.
+    let mut future = m_ops.last().unwrap().clone();
+    future.prev = pvfs_store::op_hash(&future);
+    future.id.seq += 1;
+    future.hlc = pvfs_store::Hlc(future.hlc.0 + ((3 * 3600 * 1000) << 16));
+    resign(&mut future, &m_cert);
+    wire::write_message(&mut send, &send_ops(vec![future]))
+        .await
+        .unwrap();
+
+    eventually("A applies M's genuine op", || {
+        lookup(&a.store, ROOT_INO, "from-m").is_some()
+    })
+    .await;
+    eventually("A keeps the evidence", || {
+        a.store
+            .evidence()
+            .unwrap()
+            .iter()
+            .any(|(d, e)| *d == m && e.proves(&NS, &m_key))
+    })
+    .await;
+    eventually("A shows why it refused M's last op", || {
+        a.net.peers().iter().any(|p| {
+            p.device == m.to_string()
+                && p.last_error.as_deref().is_some_and(|e| e.contains("ahead"))
+        })
+    })
+    .await;
+    assert!(lookup(&a.store, ROOT_INO, "twin").is_none());
+    // A stream that announces an oversized frame is closed; the connection stays.
+    let (mut s2, _r2) = peer.conn.open_bi().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s2, &u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    // The honest devices stay in sync, both ways.
+    write_file(
+        &b.store,
+        ROOT_INO,
+        "after",
+        b"written on B after the attack",
+    );
+    eventually("A sees B's new file", || {
+        lookup(&a.store, ROOT_INO, "after").is_some()
+    })
+    .await;
+    eventually("B gets M's genuine op through A", || {
+        lookup(&b.store, ROOT_INO, "from-m").is_some()
+    })
+    .await;
+    assert!(a.net.peers().iter().any(|p| p.device == m.to_string()));
+    assert!(lookup(&b.store, ROOT_INO, "twin").is_none());
+    for d in [a, b] {
+        assert!(d.store.fsck().unwrap().is_clean());
+    }
+    ep.close();
 }

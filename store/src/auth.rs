@@ -107,7 +107,7 @@ pub(crate) fn signer_key(signer: &dyn Signer) -> Result<([u8; KEY_LEN], DeviceId
 }
 
 /// Checks `op`'s signature against its author's `key`; returns the op's hash.
-pub(crate) fn verify(namespace: &[u8; 16], key: &[u8; KEY_LEN], op: &OpRecord) -> Result<OpHash> {
+pub fn verify(namespace: &[u8; 16], key: &[u8; KEY_LEN], op: &OpRecord) -> Result<OpHash> {
     if DeviceId::from_public_key(key) != op.id.device {
         return Err(StoreError::Invalid(
             "the key given for the op's author is another device's".into(),

@@ -25,7 +25,8 @@ mod txn;
 mod types;
 
 pub use auth::{
-    op_hash, sign_message, DeviceKey, Evidence, OpHash, Signer, GENESIS, KEY_LEN, SIG_LEN,
+    op_hash, sign_message, verify as verify_op, DeviceKey, Evidence, OpHash, Signer, GENESIS,
+    KEY_LEN, SIG_LEN,
 };
 pub use chunk::{cut, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use content::{is_zero, NewExtent};
@@ -41,7 +42,7 @@ pub use records::{
     Stamps, StatsRecord,
 };
 pub use replica::{
-    conflict_name, Applied, Version, VersionVector, MAX_CLOCK_SKEW_MS, MEMBER_NAME_MAX,
+    conflict_name, Applied, Refused, Version, VersionVector, MAX_CLOCK_SKEW_MS, MEMBER_NAME_MAX,
 };
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};

@@ -74,6 +74,28 @@ pub struct Applied {
     /// Devices newly caught signing two different ops under one id (the second op is not
     /// applied; the evidence is kept: `Store::evidence`).
     pub equivocators: Vec<DeviceId>,
+    /// Ops refused, each with the ops after it of its writer in this batch (they follow it):
+    /// the rest of the batch is applied without them.
+    pub refused: Vec<Refused>,
+}
+
+/// An op `apply_remote` refused, and why.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    /// The op.
+    pub op: OpId,
+    /// Why (validation, signature, chain, membership, clock, or an op it depends on).
+    pub reason: String,
+}
+
+/// True for errors of this device (its disk, its database) rather than of an op: they fail
+/// the whole batch, which is tried again later.
+fn is_local_failure(e: &StoreError) -> bool {
+    e.is_no_space()
+        || matches!(
+            e,
+            StoreError::Db(_) | StoreError::Io(_) | StoreError::DataDir { .. }
+        )
 }
 
 /// One entry move requested by an op.
@@ -407,6 +429,9 @@ impl Store {
     /// `keys` are public keys of their authors (a key is kept only under the device id it
     /// derives; keys already known need not come again). Every op must follow its writer's
     /// hash chain and carry its author's signature, and its author must be a member.
+    /// An op that fails is refused with the rest of its writer's ops in the batch, and so is
+    /// any op that fails because of it; the others are applied (`Applied::refused`). Only a
+    /// failure of this device (its disk) fails the whole batch.
     /// `is_open` says which local inodes are open (an open file that loses its last name
     /// stays until closed).
     pub fn apply_remote(
@@ -415,19 +440,48 @@ impl Store {
         keys: &[[u8; KEY_LEN]],
         is_open: &dyn Fn(Ino) -> bool,
     ) -> Result<Applied> {
-        self.commit(false, |tx| {
-            let mut cx = Cx::default();
-            for k in keys {
-                tx.learn_key(k)?;
+        let mut refused = Vec::new();
+        // Writer -> the first of its sequence numbers refused in this batch.
+        let mut skip: HashMap<Writer, u64> = HashMap::new();
+        // Each round refuses one more writer, or ends.
+        loop {
+            let mut failed = None;
+            let res = self.commit(false, |tx| {
+                let mut cx = Cx::default();
+                for k in keys {
+                    tx.learn_key(k)?;
+                }
+                for (i, op) in ops.iter().enumerate() {
+                    if skip.get(&op.id.writer()).is_some_and(|&s| op.id.seq >= s) {
+                        continue;
+                    }
+                    if let Err(e) = tx.apply_one(op, &mut cx) {
+                        if !is_local_failure(&e) {
+                            failed = Some(i);
+                        }
+                        return Err(e);
+                    }
+                }
+                tx.settle(&mut cx, is_open)?;
+                cx.out.nodes = cx.nodes.into_iter().collect();
+                Ok(cx.out)
+            });
+            match (res, failed) {
+                (Ok(mut applied), _) => {
+                    applied.refused = refused;
+                    return Ok(applied);
+                }
+                (Err(e), Some(i)) => {
+                    let op = &ops[i];
+                    skip.insert(op.id.writer(), op.id.seq);
+                    refused.push(Refused {
+                        op: op.id,
+                        reason: e.to_string(),
+                    });
+                }
+                (Err(e), None) => return Err(e),
             }
-            for op in ops {
-                tx.apply_one(op, &mut cx)
-                    .map_err(|e| invalid(format!("op {} from a peer: {e}", op.id.fmt_short())))?;
-            }
-            tx.settle(&mut cx, is_open)?;
-            cx.out.nodes = cx.nodes.into_iter().collect();
-            Ok(cx.out)
-        })
+        }
     }
 }
 
@@ -1649,15 +1703,15 @@ mod auth_tests {
         s.ops(w, 1, usize::MAX).unwrap().pop().unwrap()
     }
 
+    /// One op of `ops` (all of one writer) is refused with the reason `why`, and neither it
+    /// nor any later op of its writer is applied (earlier ones may be).
     fn refused(to: &Store, ops: &[OpRecord], keys: &[[u8; KEY_LEN]], why: &str) {
-        let before = to.version_vector();
-        let err = to.apply_remote(ops, keys, &|_| false).unwrap_err();
-        assert!(err.to_string().contains(why), "expected {why:?}: {err}");
-        assert_eq!(
-            to.version_vector(),
-            before,
-            "a refused batch changes nothing"
-        );
+        let applied = to.apply_remote(ops, keys, &|_| false).unwrap();
+        assert_eq!(applied.refused.len(), 1, "{:?}", applied.refused);
+        let r = &applied.refused[0];
+        assert!(r.reason.contains(why), "expected {why:?}: {}", r.reason);
+        let held = to.version_vector().get(&r.op.writer()).copied();
+        assert!(held.unwrap_or(0) < r.op.seq, "{held:?} includes {:?}", r.op);
     }
 
     #[test]
@@ -1670,6 +1724,8 @@ mod auth_tests {
 
         // Without its author's key nothing can be checked.
         refused(b, &ops, &[], "no key");
+        // A key that is not the author's is never filed under the author.
+        refused(b, &ops, &[public(&k[2])], "no key");
         // Any field changed after signing.
         let mut t = ops.clone();
         let last = t.len() - 1;
@@ -1681,8 +1737,6 @@ mod auth_tests {
         let mut t = ops.clone();
         resign(&mut t[last], &k[2]);
         refused(b, &t, &keys_a, "bad signature");
-        // A key that is not the author's is never filed under the author.
-        refused(b, &ops, &[public(&k[2])], "no key");
         // The genuine ops apply.
         b.apply_remote(&ops, &keys_a, &|_| false).unwrap();
         assert!(b.lookup(ROOT_INO, b"d").unwrap().is_some());
@@ -1706,6 +1760,16 @@ mod auth_tests {
             .filter(|o| o.id.device == k[3].device())
             .collect();
         refused(c, &mine, &keys_x, "not a member");
+
+        // A refused writer does not hold back the others in its batch.
+        let (mut batch, mut batch_keys) = lacking(a, c);
+        batch.extend(mine);
+        batch_keys.extend(keys_x);
+        batch.sort_by_key(|o| (o.hlc, o.id));
+        let applied = c.apply_remote(&batch, &batch_keys, &|_| false).unwrap();
+        assert_eq!(applied.refused.len(), 1);
+        assert_eq!(applied.refused[0].op.device, k[3].device());
+        assert!(c.lookup(ROOT_INO, b"d").unwrap().is_some());
     }
 
     #[test]
@@ -1734,7 +1798,10 @@ mod auth_tests {
         assert_eq!((again.applied, again.equivocators.len()), (0, 0));
         let mut forged = twin;
         forged.sig = vec![0; 64];
-        refused(b, &[forged], &[], "not its author's");
+        let applied = b.apply_remote(&[forged], &[], &|_| false).unwrap();
+        assert_eq!(applied.refused.len(), 1);
+        assert!(applied.refused[0].reason.contains("not its author's"));
+        assert_eq!(b.evidence().unwrap().len(), 1, "a forgery is no evidence");
         assert!(b.fsck().unwrap().is_clean());
     }
 

@@ -190,8 +190,15 @@ pub fn print_human(req: &Request, v: &Value) {
                 let holds = p["holds_chunks"]
                     .as_u64()
                     .map_or_else(|| "holds ?".to_string(), |n| format!("holds {n} chunks"));
+                let sync = match p["behind_ops"].as_u64().unwrap_or(0) {
+                    0 => p["sync"].as_str().unwrap_or_default().to_string(),
+                    n => format!(
+                        "{} ({n} ops behind)",
+                        p["sync"].as_str().unwrap_or_default()
+                    ),
+                };
                 println!(
-                    "{}  {:<21}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  served {:>12}  {holds}  last seen {} ago",
+                    "{}  {:<21}  {sync}  rtt {:>7.2} ms  fetched {:>12}  {:>8.1} MB/s  served {:>12}  {holds}  last seen {} ago",
                     &p["device"].as_str().unwrap_or_default()
                         [..8.min(p["device"].as_str().unwrap_or_default().len())],
                     p["addr"].as_str().unwrap_or_default(),
@@ -201,6 +208,9 @@ pub fn print_human(req: &Request, v: &Value) {
                     human_bytes(p["served_bytes"].as_u64().unwrap_or(0)),
                     ago(p["last_seen"].as_u64().unwrap_or(0)),
                 );
+                if let Some(e) = p["last_error"].as_str() {
+                    println!("    last refused: {e}");
+                }
             }
         }
         Request::Devices => {

@@ -406,6 +406,28 @@ async fn run() -> anyhow::Result<()> {
         s.sync()
     })
     .await??;
+    // What signing and checking ops costs, on one core: A's own ops (creates).
+    let sample = a.store.ops(a.store.writer(), 1, 20_000)?;
+    let key: [u8; 32] = pvfs_store::Signer::public_key(&*a.cert)
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not an Ed25519 key"))?;
+    let t = Instant::now();
+    for op in &sample {
+        let msg = pvfs_store::sign_message(&NS, &pvfs_store::op_hash(op));
+        std::hint::black_box(pvfs_store::Signer::sign(&*a.cert, &msg));
+    }
+    let sign_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for op in &sample {
+        pvfs_store::verify_op(&NS, &key, op)?;
+    }
+    let verify_s = t.elapsed().as_secs_f64();
+    println!(
+        "op signatures (one core)      sign {:.0} ops/s, hash+verify {:.0} ops/s ({} ops)",
+        sample.len() as f64 / sign_s,
+        sample.len() as f64 / verify_s,
+        sample.len()
+    );
     let c = device(&dir, "c", &certs, 2)?;
     let want = a.store.version_vector();
     let t = Instant::now();

@@ -984,7 +984,15 @@ impl Mount {
     /// Serves requests until the filesystem is unmounted.
     pub fn run(self) -> io::Result<()> {
         debug!(threads = self.threads, "serving FUSE requests");
-        self.session.run()
+        match self.session.run() {
+            // A detached (lazily unmounted) mount whose last open file closed: the kernel
+            // ends the connection, and a session thread may see it aborted rather than gone.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                debug!("the kernel ended the FUSE connection");
+                Ok(())
+            }
+            res => res,
+        }
     }
 }
 

@@ -258,9 +258,11 @@ fn sigterm_on_a_busy_mount_detaches_and_exits_when_files_close() {
         "open files keep working after the detach"
     );
     drop(f);
+    let exit = d.wait_exit(std::time::Duration::from_secs(20));
     assert_eq!(
-        d.wait_exit(std::time::Duration::from_secs(20)),
+        exit,
         Some(true),
-        "exits cleanly once the last file closes"
+        "exits cleanly once the last file closes; its log:\n{}",
+        d.log_text()
     );
 }

@@ -50,6 +50,9 @@ type ExtentMap = BTreeMap<u64, (ChunkId, u32)>;
 /// A file's content as (offset, chunk, length) triples, and its size.
 pub type Version = (Vec<(u64, ChunkId, u32)>, u64);
 
+/// Threads that check the signatures of one batch of ops at most.
+const SIGNATURE_THREADS: usize = 4;
+
 /// Longest device name, in bytes.
 pub const MEMBER_NAME_MAX: usize = 64;
 
@@ -86,6 +89,22 @@ pub struct Refused {
     pub op: OpId,
     /// Why (validation, signature, chain, membership, clock, or an op it depends on).
     pub reason: String,
+}
+
+/// For each op, whether it is the last of its writer in `ops` once the ops of `skip` (writer
+/// -> first sequence number left out) are left out.
+fn run_ends(ops: &[OpRecord], skip: &HashMap<Writer, u64>) -> Vec<bool> {
+    let mut last: HashMap<Writer, usize> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        if skip.get(&op.id.writer()).is_none_or(|&s| op.id.seq < s) {
+            last.insert(op.id.writer(), i);
+        }
+    }
+    let mut ends = vec![false; ops.len()];
+    for i in last.into_values() {
+        ends[i] = true;
+    }
+    ends
 }
 
 /// True for errors of this device (its disk, its database) rather than of an op: they fail
@@ -328,6 +347,30 @@ impl Store {
         }
         all.sort_by_key(|o| (o.hlc, o.id));
         all.truncate(limit);
+        // The receiver checks the signature of each writer's last op in the batch and the
+        // hash chain of the others, so that op must carry a good one: another device's ops
+        // were checked that way here, not one by one.
+        let reader = self.reader();
+        let writers: BTreeSet<Writer> = all
+            .iter()
+            .map(|o| o.id.writer())
+            .filter(|w| *w != own)
+            .collect();
+        for w in writers {
+            let key = reader.device_key(&w.device)?;
+            while let Some(last) = all.iter().rposition(|o| o.id.writer() == w) {
+                let good = key
+                    .is_some_and(|k| auth::verify(&reader.state.namespace, &k, &all[last]).is_ok());
+                if good {
+                    break;
+                }
+                tracing::warn!(
+                    op = %all[last].id.fmt_short(),
+                    "not passing on an op whose signature does not verify (an earlier op of its writer is)"
+                );
+                all.remove(last);
+            }
+        }
         Ok(all)
     }
 
@@ -344,6 +387,63 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The hash of each op of `ops` whose signature verifies with its author's key (from
+    /// `keys` or this store), checked on every core outside the writer lock: the transaction
+    /// then only follows the chain. `None` where it does not verify (the transaction says
+    /// why).
+    fn check_signatures(
+        &self,
+        ops: &[OpRecord],
+        keys: &[[u8; KEY_LEN]],
+        which: &[bool],
+    ) -> Result<Vec<Option<OpHash>>> {
+        let mut table: HashMap<DeviceId, [u8; KEY_LEN]> = keys
+            .iter()
+            .map(|k| (DeviceId::from_public_key(k), *k))
+            .collect();
+        let reader = self.reader();
+        for op in ops {
+            if let std::collections::hash_map::Entry::Vacant(e) = table.entry(op.id.device) {
+                if let Some(k) = reader.device_key(&op.id.device)? {
+                    e.insert(k);
+                }
+            }
+        }
+        let namespace = self.namespace();
+        let check = |(op, &wanted): (&OpRecord, &bool)| {
+            if !wanted {
+                return None;
+            }
+            let key = table.get(&op.id.device)?;
+            auth::verify(&namespace, key, op).ok()
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(SIGNATURE_THREADS);
+        let wanted = which.iter().filter(|&&w| w).count();
+        if threads < 2 || wanted < 64 {
+            return Ok(ops.iter().zip(which).map(check).collect());
+        }
+        let per = ops.len().div_ceil(threads);
+        Ok(std::thread::scope(|scope| {
+            let parts: Vec<_> = ops
+                .chunks(per)
+                .zip(which.chunks(per))
+                .map(|(part, which)| {
+                    let check = &check;
+                    let h =
+                        scope.spawn(move || part.iter().zip(which).map(check).collect::<Vec<_>>());
+                    (part.len(), h)
+                })
+                .collect();
+            // A part whose thread failed counts as unchecked: the transaction checks it.
+            parts
+                .into_iter()
+                .flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![None; n]))
+                .collect()
+        }))
     }
 
     /// Every membership change held here (for a joining device's welcome), in clock order.
@@ -405,16 +505,7 @@ impl Store {
 
     /// Devices caught equivocating, with the proof.
     pub fn evidence(&self) -> Result<Vec<(DeviceId, Evidence)>> {
-        let mut out = Vec::new();
-        let view = self.snapshot();
-        for item in kv::scan_prefix(&*view, Cf::Meta, key::META_EVIDENCE) {
-            let (k, v) = item?;
-            let id: [u8; 16] = k[key::META_EVIDENCE.len()..]
-                .try_into()
-                .map_err(|_| StoreError::corrupt("evidence key length"))?;
-            out.push((DeviceId(id), records::decode("evidence", &v)?));
-        }
-        Ok(out)
+        self.device_records(key::META_EVIDENCE, "evidence")
     }
 
     /// The extents and size of `node` at content version `version`, rebuilt from the op log
@@ -440,12 +531,16 @@ impl Store {
         keys: &[[u8; KEY_LEN]],
         is_open: &dyn Fn(Ino) -> bool,
     ) -> Result<Applied> {
+        let checked = self.check_signatures(ops, keys, &run_ends(ops, &HashMap::new()))?;
         let mut refused = Vec::new();
         // Writer -> the first of its sequence numbers refused in this batch.
         let mut skip: HashMap<Writer, u64> = HashMap::new();
         // Each round refuses one more writer, or ends.
         loop {
             let mut failed = None;
+            // The last op of each writer applied in this round vouches for the ones before it
+            // (the hash chain): its signature is checked, theirs need not be.
+            let ends = run_ends(ops, &skip);
             let res = self.commit(false, |tx| {
                 let mut cx = Cx::default();
                 for k in keys {
@@ -455,7 +550,8 @@ impl Store {
                     if skip.get(&op.id.writer()).is_some_and(|&s| op.id.seq >= s) {
                         continue;
                     }
-                    if let Err(e) = tx.apply_one(op, &mut cx) {
+                    let sig = ends[i].then_some(checked[i]);
+                    if let Err(e) = tx.apply_one(op, sig, &mut cx) {
                         if !is_local_failure(&e) {
                             failed = Some(i);
                         }
@@ -473,7 +569,18 @@ impl Store {
                 }
                 (Err(e), Some(i)) => {
                     let op = &ops[i];
-                    skip.insert(op.id.writer(), op.id.seq);
+                    // The op that vouches for its writer's run failed: none of the run can
+                    // be trusted in this batch (each round then refuses a writer for good).
+                    let from = if ends[i] {
+                        ops.iter()
+                            .filter(|o| o.id.writer() == op.id.writer())
+                            .map(|o| o.id.seq)
+                            .min()
+                            .unwrap_or(op.id.seq)
+                    } else {
+                        op.id.seq
+                    };
+                    skip.insert(op.id.writer(), from);
                     refused.push(Refused {
                         op: op.id,
                         reason: e.to_string(),
@@ -564,7 +671,15 @@ impl Txn<'_> {
     /// Checks that `op` is its author's and follows what this store holds of its writer:
     /// the next sequence number, the hash chain, the author's signature, the author a member,
     /// its clock not too far ahead. Returns the op's hash.
-    fn authenticate(&self, op: &OpRecord, head: (u64, OpHash)) -> Result<OpHash> {
+    /// `sig`: `None` if the op's signature need not be checked (a later op of its writer
+    /// in the batch, whose hash chain runs through this op, has its checked);
+    /// `Some(checked)` if it must be, with its hash if that was done already.
+    fn authenticate(
+        &self,
+        op: &OpRecord,
+        head: (u64, OpHash),
+        sig: Option<Option<OpHash>>,
+    ) -> Result<OpHash> {
         let (have, head_hash) = head;
         if op.id.seq != have + 1 {
             return Err(invalid(format!("gap: expected #{}", have + 1)));
@@ -574,10 +689,16 @@ impl Txn<'_> {
                 "it does not follow its writer's previous op as held here (a forked history)",
             ));
         }
-        let key = self
-            .device_key(&op.id.device)?
-            .ok_or_else(|| invalid("no key is known for its author"))?;
-        let hash = auth::verify(&self.state.namespace, &key, op)?;
+        let hash = match sig {
+            None => auth::op_hash(op),
+            Some(Some(hash)) => hash,
+            Some(None) => {
+                let key = self
+                    .device_key(&op.id.device)?
+                    .ok_or_else(|| invalid("no key is known for its author"))?;
+                auth::verify(&self.state.namespace, &key, op)?
+            }
+        };
         // Membership is decided by the ops: an author must have been added by a member.
         // (Its ops are kept after a removal: those made before it were valid, and the
         // removal does not yet say how far they go.)
@@ -592,7 +713,7 @@ impl Txn<'_> {
         Ok(hash)
     }
 
-    fn apply_one(&mut self, op: &OpRecord, cx: &mut Cx) -> Result<()> {
+    fn apply_one(&mut self, op: &OpRecord, sig: Option<Option<OpHash>>, cx: &mut Cx) -> Result<()> {
         let w = op.id.writer();
         let head = if w == self.state.writer() {
             if op.id.seq < self.state.next_seq {
@@ -605,7 +726,7 @@ impl Txn<'_> {
         if op.id.seq <= head.0 {
             return self.held_again(op, cx);
         }
-        let hash = self.authenticate(op, head)?;
+        let hash = self.authenticate(op, head, sig)?;
         validate(op)?;
         self.state.heads.insert(w, (op.id.seq, hash));
         self.state.heads_changed = true;
@@ -1707,11 +1828,17 @@ mod auth_tests {
     /// nor any later op of its writer is applied (earlier ones may be).
     fn refused(to: &Store, ops: &[OpRecord], keys: &[[u8; KEY_LEN]], why: &str) {
         let applied = to.apply_remote(ops, keys, &|_| false).unwrap();
-        assert_eq!(applied.refused.len(), 1, "{:?}", applied.refused);
-        let r = &applied.refused[0];
-        assert!(r.reason.contains(why), "expected {why:?}: {}", r.reason);
-        let held = to.version_vector().get(&r.op.writer()).copied();
-        assert!(held.unwrap_or(0) < r.op.seq, "{held:?} includes {:?}", r.op);
+        let rs = &applied.refused;
+        // One writer: refused in one or two rounds (its run's last op vouches for the rest).
+        assert!((1..=2).contains(&rs.len()), "{rs:?}");
+        assert!(
+            rs.iter().any(|r| r.reason.contains(why)),
+            "expected {why:?}: {rs:?}"
+        );
+        for r in rs {
+            let held = to.version_vector().get(&r.op.writer()).copied();
+            assert!(held.unwrap_or(0) < r.op.seq, "{held:?} includes {:?}", r.op);
+        }
     }
 
     #[test]
@@ -1733,6 +1860,12 @@ mod auth_tests {
             *name = b"e".to_vec();
         }
         refused(b, &t, &keys_a, "bad signature");
+        // An op inside the batch changed: the chain to the signed last op breaks.
+        let mut t = ops.clone();
+        if let OpKind::Member { name, .. } = &mut t[0].kind {
+            *name = "mallory".into();
+        }
+        refused(b, &t, &keys_a, "forked history");
         // A member signing an op in another member's name.
         let mut t = ops.clone();
         resign(&mut t[last], &k[2]);
@@ -1770,6 +1903,48 @@ mod auth_tests {
         assert_eq!(applied.refused.len(), 1);
         assert_eq!(applied.refused[0].op.device, k[3].device());
         assert!(c.lookup(ROOT_INO, b"d").unwrap().is_some());
+    }
+
+    #[test]
+    fn only_the_last_op_of_a_run_needs_a_good_signature_and_relays_end_runs_there() {
+        let k = keys(3);
+        let s = stores(&k, 3);
+        let (a, b, c) = (&s[0], &s[1], &s[2]);
+        mkdir(a, "x");
+        mkdir(a, "y");
+        let (mut ops, keys_a) = lacking(a, b);
+        // A relay spoilt the signature of an op inside the run: the run's last op, whose
+        // chain runs through it, vouches for it.
+        let n = ops.len();
+        ops[n - 2].sig = vec![0; 64];
+        let applied = b.apply_remote(&ops, &keys_a, &|_| false).unwrap();
+        assert!(applied.refused.is_empty(), "{:?}", applied.refused);
+        assert!(b.lookup(ROOT_INO, b"y").unwrap().is_some());
+        // B passes the ops on, but never ends a run at the spoilt one: asked for all but
+        // the last, it stops before it.
+        // (C is given B's own ops' place in its version vector: only A's run is asked for.)
+        let mut have = c.version_vector();
+        have.insert(b.writer(), b.version_vector()[&b.writer()]);
+        let w = a.writer();
+        let first = b.ops_after(&have, n - 1).unwrap();
+        assert!(first.iter().all(|o| o.id.writer() == w));
+        assert_eq!(first.len(), n - 2, "the run ends before the spoilt op");
+        let keys = b.device_keys([k[0].device()]).unwrap();
+        assert!(c
+            .apply_remote(&first, &keys, &|_| false)
+            .unwrap()
+            .refused
+            .is_empty());
+        have = c.version_vector();
+        have.insert(b.writer(), b.version_vector()[&b.writer()]);
+        let rest = b.ops_after(&have, usize::MAX).unwrap();
+        assert!(c
+            .apply_remote(&rest, &[], &|_| false)
+            .unwrap()
+            .refused
+            .is_empty());
+        assert!(c.lookup(ROOT_INO, b"y").unwrap().is_some());
+        assert_eq!(c.version_vector().get(&w), a.version_vector().get(&w));
     }
 
     #[test]

@@ -512,13 +512,22 @@ impl Store {
 
     /// The member devices of the namespace (removed ones included, marked).
     pub fn members(&self) -> Result<Vec<(DeviceId, MemberRecord)>> {
+        self.device_records(key::META_MEMBER, "member")
+    }
+
+    /// The records kept per device in `Cf::Meta` under `prefix` + device id.
+    pub(crate) fn device_records<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        what: &str,
+    ) -> Result<Vec<(DeviceId, T)>> {
         let mut out = Vec::new();
-        for item in scan_prefix(&*self.inner.backend, Cf::Meta, key::META_MEMBER) {
+        for item in scan_prefix(&*self.inner.backend, Cf::Meta, prefix) {
             let (k, v) = item?;
-            let id: [u8; 16] = k[key::META_MEMBER.len()..]
+            let id: [u8; 16] = k[prefix.len()..]
                 .try_into()
-                .map_err(|_| StoreError::corrupt("member key length"))?;
-            out.push((DeviceId(id), records::decode("member", &v)?));
+                .map_err(|_| StoreError::corrupt(format!("{what} key length")))?;
+            out.push((DeviceId(id), records::decode(what, &v)?));
         }
         Ok(out)
     }

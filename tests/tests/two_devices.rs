@@ -450,3 +450,55 @@ fn expired_tokens_unreachable_content_and_removed_devices() {
     assert_fsck_clean(&a.data());
     assert_fsck_clean(&b.data());
 }
+
+#[test]
+fn a_device_joined_through_a_syncs_with_b_when_a_is_gone() {
+    let (a, b, d) = (Scratch::new(), Scratch::new(), Scratch::new());
+    let (da, db, _, _) = pair_with(&a, &b, "");
+    std::fs::write(b.mnt().join("from-b.txt"), b"written on B").unwrap();
+    // D joins through A; B hears of D from A.
+    let out = da.admin(&["invite"]);
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let data_d = d.data();
+    let out = pvfs(&[
+        OsStr::new("join"),
+        OsStr::new(&token),
+        OsStr::new("--data"),
+        data_d.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("dee"),
+    ]);
+    assert!(out.status.success(), "join: {out:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let v = String::from_utf8_lossy(&db.admin(&["--json", "devices"]).stdout).to_string();
+            v.contains("\"dee\"")
+        }),
+        "B never learnt of D"
+    );
+    // A goes away before D ever starts: D knows every member from its welcome, so it
+    // accepts B, and B (which learnt of D from A) accepts D.
+    assert!(da.stop());
+    let dd = Daemon::try_start(&d.data(), &d.mnt(), &["--peer", &db.listen_addr()]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read(
+            d.mnt().join("from-b.txt")
+        )
+        .is_ok_and(|c| c == b"written on B")),
+        "D never synced with B\nD: {}\nB: {}",
+        dd.log_text(),
+        db.log_text()
+    );
+    std::fs::write(d.mnt().join("from-d.txt"), b"written on D").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(
+            b.mnt().join("from-d.txt")
+        )
+        .is_ok_and(|c| c == b"written on D")),
+        "B never saw D's file"
+    );
+    assert!(dd.stop());
+    assert!(db.stop());
+    assert_fsck_clean(&b.data());
+    assert_fsck_clean(&d.data());
+}

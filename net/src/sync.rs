@@ -392,8 +392,24 @@ impl Net {
                     .keys()
                     .copied()
                     .collect();
-                for d in known {
-                    keeper.dial_known(d);
+                // Devices that are not (or no longer) members are forgotten, not dialled.
+                let store = keeper.shared.store.clone();
+                let Ok(members) = tokio::task::spawn_blocking(move || {
+                    known
+                        .into_iter()
+                        .map(|d| (d, store.is_member(&d).unwrap_or(false)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                else {
+                    continue;
+                };
+                for (d, member) in members {
+                    if member {
+                        keeper.dial_known(d);
+                    } else {
+                        keeper.shared.known.lock().expect("known lock").remove(&d);
+                    }
                 }
             }
         });
@@ -428,18 +444,33 @@ impl Net {
             .any(|s| s.device == device)
     }
 
-    /// A device was heard of at `addrs` (mDNS): it is dialled now, and again whenever it is
-    /// not connected.
+    /// A device was heard of at `addrs` (mDNS): if it is a member, it is dialled now, and
+    /// again whenever it is not connected (an announcement of any other id is ignored: anyone
+    /// on the network can announce anything).
     pub fn discovered(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
         if addrs.is_empty() {
             return;
         }
-        self.shared
-            .known
-            .lock()
-            .expect("known lock")
-            .insert(device, addrs);
-        self.dial_known(device);
+        let net = self.clone();
+        tokio::spawn(async move {
+            let store = net.shared.store.clone();
+            let member = tokio::task::spawn_blocking(move || store.is_member(&device))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(false);
+            if !member {
+                tracing::debug!(device = %device.fmt_short(), "mDNS: not a member, not dialled");
+                return;
+            }
+            let addrs = addrs.into_iter().take(8).collect();
+            net.shared
+                .known
+                .lock()
+                .expect("known lock")
+                .insert(device, addrs);
+            net.dial_known(device);
+        });
     }
 
     fn dial_known(&self, device: DeviceId) {

@@ -1,8 +1,9 @@
 //! Pairing: one-time invitations and joining a namespace.
 //!
 //! Owns: the invitation token (what it carries, its text form), the join endpoint (a QUIC
-//! endpoint of its own, open while invitations are outstanding, whose only business is a
-//! `Join` with a valid secret) and the joining side.
+//! endpoint of its own, open only while invitations are outstanding, whose only business is a
+//! `Join` with a valid secret: at most `MAX_JOINS` joins at once, each done within
+//! `JOIN_TIMEOUT`) and the joining side.
 //! Must not: let a joining device do anything but join: it is not a member until the
 //! invitation is used, and the main endpoint never accepts it before.
 
@@ -21,6 +22,12 @@ use crate::wire::{self, Message};
 
 /// Text in front of every token (and its format version).
 const TOKEN_PREFIX: &str = "pvfs1-";
+
+/// Connections the join endpoint serves at once; more are closed at once.
+pub const MAX_JOINS: usize = 8;
+
+/// A join not done by then is dropped.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an invitation carries. The secret is the only credential: keep tokens private.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,9 +108,12 @@ pub struct Inviter {
     name: String,
     cert: Arc<DeviceCert>,
     bind: SocketAddr,
-    endpoint: tokio::sync::OnceCell<Endpoint>,
+    /// Open while invitations are outstanding.
+    endpoint: tokio::sync::Mutex<Option<Endpoint>>,
     /// secret -> expiry (unix seconds).
     open: Mutex<HashMap<[u8; 16], u64>>,
+    /// Joins under way.
+    joins: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Inviter {
@@ -126,9 +136,33 @@ impl Inviter {
             name,
             cert,
             bind,
-            endpoint: tokio::sync::OnceCell::new(),
+            endpoint: tokio::sync::Mutex::new(None),
             open: Mutex::new(HashMap::new()),
+            joins: Arc::new(tokio::sync::Semaphore::new(MAX_JOINS)),
         })
+    }
+
+    /// True if the join endpoint is open (an invitation is outstanding or being redeemed).
+    pub async fn is_open(&self) -> bool {
+        self.endpoint.lock().await.is_some()
+    }
+
+    /// Closes the join endpoint if no invitation is outstanding and no join under way.
+    async fn close_if_idle(&self) {
+        let mut ep = self.endpoint.lock().await;
+        let outstanding = {
+            let mut open = self.open.lock().expect("invites lock");
+            let now = unix_now();
+            open.retain(|_, &mut exp| exp > now);
+            !open.is_empty()
+        };
+        if outstanding || self.joins.available_permits() < MAX_JOINS {
+            return;
+        }
+        if let Some(e) = ep.take() {
+            e.close();
+            tracing::debug!("no invitation outstanding: the join endpoint is closed");
+        }
     }
 
     /// Makes an invitation valid for `ttl`, good for one join. `hosts` are this device's
@@ -139,25 +173,31 @@ impl Inviter {
         main_port: u16,
         ttl: Duration,
     ) -> Result<Invite> {
-        let endpoint = self
-            .endpoint
-            .get_or_try_init(|| async {
-                let ep = Endpoint::bind(self.bind, &self.cert, Arc::new(Anyone))?;
-                let me = self.clone();
-                let server = ep.clone();
-                tokio::spawn(async move { me.serve(server).await });
-                Ok::<_, NetError>(ep)
-            })
-            .await?;
-        let port = endpoint.local_addr()?.port();
         let secret: [u8; 16] = pvfs_store::os_random()?;
         let expires = unix_now() + ttl.as_secs().max(1);
-        {
+        let port = {
+            let mut ep = self.endpoint.lock().await;
+            if ep.is_none() {
+                let e = Endpoint::bind(self.bind, &self.cert, Arc::new(Anyone))?;
+                let me = self.clone();
+                let server = e.clone();
+                tokio::spawn(async move { me.serve(server).await });
+                *ep = Some(e);
+            }
+            let port = ep.as_ref().expect("set above").local_addr()?.port();
             let mut open = self.open.lock().expect("invites lock");
             let now = unix_now();
             open.retain(|_, &mut exp| exp > now);
             open.insert(secret, expires);
-        }
+            port
+        };
+        // Closed again once this one expires, unless others are outstanding.
+        let me = self.clone();
+        let ttl = Duration::from_secs(ttl.as_secs().max(1)) + Duration::from_millis(100);
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            me.close_if_idle().await;
+        });
         Ok(Invite {
             inviter: self.cert.device(),
             join: hosts.iter().map(|h| SocketAddr::new(*h, port)).collect(),
@@ -172,14 +212,26 @@ impl Inviter {
 
     async fn serve(self: Arc<Self>, endpoint: Endpoint) {
         while let Some(peer) = endpoint.accept().await {
+            let Ok(slot) = self.joins.clone().try_acquire_owned() else {
+                peer.conn.close(5u32.into(), b"busy");
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.redeem(&peer).await {
-                    tracing::warn!(device = %peer.device.fmt_short(), "join refused: {e}");
+                match tokio::time::timeout(JOIN_TIMEOUT, me.redeem(&peer)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(device = %peer.device.fmt_short(), "join refused: {e}")
+                    }
+                    Err(_) => {
+                        tracing::warn!(device = %peer.device.fmt_short(), "join refused: too slow")
+                    }
                 }
                 // Let the answer reach the joiner before the connection goes.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 peer.conn.close(0u32.into(), b"done");
+                drop(slot);
+                me.close_if_idle().await;
             });
         }
     }
@@ -331,5 +383,51 @@ mod tests {
         ] {
             assert!(Invite::from_token(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_join_endpoint_is_open_only_while_an_invitation_is_outstanding() {
+        use pvfs_store::{RootOwner, Store};
+        let a = Arc::new(crate::tls::tests::new_cert());
+        let store = Store::in_memory(a.clone(), RootOwner { uid: 0, gid: 0 }).unwrap();
+        store
+            .commit(true, |tx| tx.set_member(a.device(), "a", true))
+            .unwrap();
+        let inviter = Inviter::new(store, "a".into(), a, "127.0.0.1:0".parse().unwrap());
+        let localhost = ["127.0.0.1".parse().unwrap()];
+        assert!(!inviter.is_open().await);
+        // Redeemed: closed once the welcome is out.
+        let inv = inviter
+            .invite(&localhost, 1, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(inviter.is_open().await);
+        let b = crate::tls::tests::new_cert();
+        let welcome = join(&inv, &b, "b").await.unwrap();
+        assert!(
+            welcome.members.len() >= 2,
+            "the welcome carries the members"
+        );
+        for _ in 0..100 {
+            if !inviter.is_open().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !inviter.is_open().await,
+            "open after its only invitation was used"
+        );
+        // Expired: closed too.
+        inviter
+            .invite(&localhost, 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(inviter.is_open().await);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !inviter.is_open().await,
+            "open after its only invitation expired"
+        );
     }
 }

@@ -449,6 +449,23 @@ pub fn pvfs(args: &[&std::ffi::OsStr]) -> Output {
         .expect("run pvfs")
 }
 
+/// Makes a one-time token on `inviter` and joins the device of `data` with it as `name`
+/// (`pvfs join TOKEN`); panics with both commands' output if either fails.
+pub fn join_through(inviter: &Daemon, data: &Path, name: &str) {
+    let out = inviter.admin(&["invite"]);
+    assert!(out.status.success(), "invite: {out:?}");
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = pvfs(&[
+        std::ffi::OsStr::new("join"),
+        std::ffi::OsStr::new(&token),
+        std::ffi::OsStr::new("--data"),
+        data.as_os_str(),
+        std::ffi::OsStr::new("--name"),
+        std::ffi::OsStr::new(name),
+    ]);
+    assert!(out.status.success(), "join: {out:?}");
+}
+
 /// Polls `check` every 20 ms for up to `timeout`; true once it holds.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -3,12 +3,11 @@
 //! devices (each opening of a store writes its ops under a new incarnation, so the restored
 //! device never reuses an op id its peer holds for other content), and fsck is clean.
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use pvfs_tests::{assert_fsck_clean, pvfs, wait_until, Daemon, Scratch};
+use pvfs_tests::{assert_fsck_clean, join_through, wait_until, Daemon, Scratch};
 
 /// A UDP port that was free a moment ago, so that a device can come back on the same one.
 fn free_port() -> u16 {
@@ -54,19 +53,7 @@ fn a_restored_device_keeps_both_histories() {
     let port_a = free_port().to_string();
     let listen_a = format!("127.0.0.1:{port_a}");
     let da = start(&a, &["--listen", &listen_a]);
-    let out = da.admin(&["invite"]);
-    assert!(out.status.success(), "invite: {out:?}");
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let data_b = b.data();
-    let out = pvfs(&[
-        OsStr::new("join"),
-        OsStr::new(&token),
-        OsStr::new("--data"),
-        data_b.as_os_str(),
-        OsStr::new("--name"),
-        OsStr::new("bee"),
-    ]);
-    assert!(out.status.success(), "join: {out:?}");
+    join_through(&da, &b.data(), "bee");
     let db = start(&b, &["--peer", &listen_a]);
     let seen_on_b = |name: &str, content: &[u8]| {
         wait_until(Duration::from_secs(40), || {

@@ -457,18 +457,7 @@ fn a_device_joined_through_a_syncs_with_b_when_a_is_gone() {
     let (da, db, _, _) = pair_with(&a, &b, "");
     std::fs::write(b.mnt().join("from-b.txt"), b"written on B").unwrap();
     // D joins through A; B hears of D from A.
-    let out = da.admin(&["invite"]);
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let data_d = d.data();
-    let out = pvfs(&[
-        OsStr::new("join"),
-        OsStr::new(&token),
-        OsStr::new("--data"),
-        data_d.as_os_str(),
-        OsStr::new("--name"),
-        OsStr::new("dee"),
-    ]);
-    assert!(out.status.success(), "join: {out:?}");
+    pvfs_tests::join_through(&da, &d.data(), "dee");
     assert!(
         wait_until(Duration::from_secs(20), || {
             let v = String::from_utf8_lossy(&db.admin(&["--json", "devices"]).stdout).to_string();

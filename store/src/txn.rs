@@ -130,7 +130,8 @@ pub struct Txn<'a> {
     overlay: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     pub(crate) state: WriterState,
     now: Timestamp,
-    ops: Vec<OpRecord>,
+    /// The ops recorded, each with its hash (signed at `finish`).
+    ops: Vec<(OpRecord, OpHash)>,
     pub(crate) new_bytes: u64,
     pub(crate) freed_bytes: u64,
 }
@@ -349,9 +350,10 @@ impl<'a> Txn<'a> {
             kind,
             sig: Vec::new(),
         };
-        self.state.last_hash = auth::op_hash(&rec);
+        let hash = auth::op_hash(&rec);
+        self.state.last_hash = hash;
         self.put_op(&rec);
-        self.ops.push(rec);
+        self.ops.push((rec, hash));
         id
     }
 
@@ -683,9 +685,9 @@ impl<'a> Txn<'a> {
                 StoreError::Invalid("this store was opened without its device key".into())
             })?;
             let mut ops = std::mem::take(&mut self.ops);
-            for op in &mut ops {
-                op.sig = signer.sign(&auth::sign_message(namespace, &auth::op_hash(op)));
-                self.put_op(op);
+            for (op, hash) in &mut ops {
+                op.sig = signer.sign(&auth::sign_message(namespace, hash));
+                self.put(Cf::Oplog, &key::op_id(op.id), records::encode(op));
             }
             self.ops = ops;
         }
@@ -720,6 +722,6 @@ impl<'a> Txn<'a> {
             heads_changed: false,
             ..st
         };
-        Ok((batch, st, self.ops))
+        Ok((batch, st, self.ops.into_iter().map(|(op, _)| op).collect()))
     }
 }

@@ -42,7 +42,8 @@ pub use records::{
     Stamps, StatsRecord,
 };
 pub use replica::{
-    conflict_name, Applied, Refused, Version, VersionVector, MAX_CLOCK_SKEW_MS, MEMBER_NAME_MAX,
+    conflict_name, Applied, Refused, Version, VersionVector, MAX_CLOCK_SKEW_MS,
+    MAX_REFUSED_WRITERS, MEMBER_NAME_MAX,
 };
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};

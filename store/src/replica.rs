@@ -50,8 +50,9 @@ type ExtentMap = BTreeMap<u64, (ChunkId, u32)>;
 /// A file's content as (offset, chunk, length) triples, and its size.
 pub type Version = (Vec<(u64, ChunkId, u32)>, u64);
 
-/// Threads that check the signatures of one batch of ops at most.
-const SIGNATURE_THREADS: usize = 4;
+/// Writers refused in one batch at most: past that the batch fails as a whole (each refusal
+/// re-runs the batch, so a peer cannot make one batch cost more than this many runs).
+pub const MAX_REFUSED_WRITERS: usize = 16;
 
 /// Longest device name, in bytes.
 pub const MEMBER_NAME_MAX: usize = 64;
@@ -389,10 +390,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The hash of each op of `ops` whose signature verifies with its author's key (from
-    /// `keys` or this store), checked on every core outside the writer lock: the transaction
-    /// then only follows the chain. `None` where it does not verify (the transaction says
-    /// why).
+    /// The hash of each op of `ops` marked in `which` whose signature verifies with its
+    /// author's key (from `keys` or this store), checked outside the writer lock. `None`
+    /// elsewhere (the transaction checks again where it must, and says why).
     fn check_signatures(
         &self,
         ops: &[OpRecord],
@@ -412,38 +412,14 @@ impl Store {
             }
         }
         let namespace = self.namespace();
-        let check = |(op, &wanted): (&OpRecord, &bool)| {
-            if !wanted {
-                return None;
-            }
-            let key = table.get(&op.id.device)?;
-            auth::verify(&namespace, key, op).ok()
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(SIGNATURE_THREADS);
-        let wanted = which.iter().filter(|&&w| w).count();
-        if threads < 2 || wanted < 64 {
-            return Ok(ops.iter().zip(which).map(check).collect());
-        }
-        let per = ops.len().div_ceil(threads);
-        Ok(std::thread::scope(|scope| {
-            let parts: Vec<_> = ops
-                .chunks(per)
-                .zip(which.chunks(per))
-                .map(|(part, which)| {
-                    let check = &check;
-                    let h =
-                        scope.spawn(move || part.iter().zip(which).map(check).collect::<Vec<_>>());
-                    (part.len(), h)
-                })
-                .collect();
-            // A part whose thread failed counts as unchecked: the transaction checks it.
-            parts
-                .into_iter()
-                .flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![None; n]))
-                .collect()
-        }))
+        Ok(ops
+            .iter()
+            .zip(which)
+            .map(|(op, &wanted)| {
+                let key = table.get(&op.id.device).filter(|_| wanted)?;
+                auth::verify(&namespace, key, op).ok()
+            })
+            .collect())
     }
 
     /// Every membership change held here (for a joining device's welcome), in clock order.
@@ -566,6 +542,11 @@ impl Store {
                 (Ok(mut applied), _) => {
                     applied.refused = refused;
                     return Ok(applied);
+                }
+                (Err(e), Some(_)) if refused.len() >= MAX_REFUSED_WRITERS => {
+                    return Err(invalid(format!(
+                        "more than {MAX_REFUSED_WRITERS} writers refused in one batch, the last: {e}"
+                    )));
                 }
                 (Err(e), Some(i)) => {
                     let op = &ops[i];
@@ -955,10 +936,8 @@ impl Txn<'_> {
     /// Makes the local record of a node from its `Create` op, with no names yet, and the
     /// attributes ops gave it while it was deleted here.
     fn build_node(&mut self, id: NodeId, create: &OpRecord) -> Result<Ino> {
-        let mut rec = record_from_create(id, create)?;
-        if let Some(a) = self.born(id)?.and_then(|b| b.attrs) {
-            a.apply_to(&mut rec);
-        }
+        let attrs = self.born(id)?.and_then(|b| b.attrs);
+        let rec = revived(id, create, attrs)?;
         let ino = self.alloc_ino();
         self.put_node(ino, &rec);
         self.map_id(id, ino);
@@ -980,11 +959,7 @@ impl Txn<'_> {
         let create = self
             .op_at(born.created)?
             .ok_or_else(|| StoreError::corrupt(format!("node {id}: create op missing")))?;
-        let mut rec = record_from_create(id, &create)?;
-        if let Some(a) = born.attrs {
-            a.apply_to(&mut rec);
-        }
-        Ok(Some(rec))
+        revived(id, &create, born.attrs).map(Some)
     }
 
     /// Keeps the attributes of `n`, a node deleted here, for when a late op brings it back.
@@ -1016,6 +991,16 @@ impl Txn<'_> {
             None => self.bury(n),
         }
     }
+}
+
+/// A node's record as its `Create` op made it, with the attribute registers it kept while
+/// deleted (if any), and no names yet.
+fn revived(id: NodeId, create: &OpRecord, attrs: Option<records::Attrs>) -> Result<NodeRecord> {
+    let mut rec = record_from_create(id, create)?;
+    if let Some(a) = attrs {
+        a.apply_to(&mut rec);
+    }
+    Ok(rec)
 }
 
 /// A node's record as its `Create` op made it, with no names yet.
@@ -1945,6 +1930,46 @@ mod auth_tests {
             .is_empty());
         assert!(c.lookup(ROOT_INO, b"y").unwrap().is_some());
         assert_eq!(c.version_vector().get(&w), a.version_vector().get(&w));
+    }
+
+    #[test]
+    fn a_batch_with_too_many_refused_writers_fails_whole() {
+        let k = keys(2);
+        let s = stores(&k, 2);
+        let b = &s[1];
+        // A member mints incarnations, each opening with a far-future op: every one is
+        // refused, and each refusal would re-run the batch.
+        let ops: Vec<OpRecord> = (0..=MAX_REFUSED_WRITERS as u64)
+            .map(|inc| {
+                let mut op = OpRecord {
+                    id: OpId {
+                        device: k[0].device(),
+                        incarnation: inc,
+                        seq: 1,
+                    },
+                    hlc: Hlc(u64::MAX / 2),
+                    prev: GENESIS,
+                    kind: OpKind::SetXattr {
+                        node: NodeId::ROOT,
+                        name: b"user.x".to_vec(),
+                        value: None,
+                    },
+                    sig: Vec::new(),
+                };
+                resign(&mut op, &k[0]);
+                op
+            })
+            .collect();
+        let before = b.version_vector();
+        let err = b
+            .apply_remote(&ops[1..], &[public(&k[0])], &|_| false)
+            .unwrap();
+        assert_eq!(err.refused.len(), MAX_REFUSED_WRITERS);
+        let err = b
+            .apply_remote(&ops, &[public(&k[0])], &|_| false)
+            .unwrap_err();
+        assert!(err.to_string().contains("writers refused"), "{err}");
+        assert_eq!(b.version_vector(), before);
     }
 
     #[test]

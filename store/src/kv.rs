@@ -126,10 +126,17 @@ pub(crate) trait Backend: ReadView + Send + Sync {
     /// Returns the disk space of deleted data to the filesystem (flush, compact, rewrite
     /// blob files that hold dead chunks). Slow; runs rarely, off the request path.
     fn reclaim(&self) -> Result<()>;
-    /// A copy of the whole database in memory (the in-memory backend only: simulations of a
-    /// restore from a backup); `None` elsewhere.
-    fn copy_in_memory(&self) -> Option<Box<dyn Backend>> {
+    /// A copy of the database in memory (the in-memory backend only, for simulations;
+    /// `None` elsewhere): with `crash: None` all of it (a backup); with `Some(keep)` what a
+    /// power cut now would leave, the durable state and the first `keep` writes after it.
+    fn copy_in_memory(&self, crash: Option<usize>) -> Option<Box<dyn Backend>> {
+        let _ = crash;
         None
+    }
+    /// Writes through the write-ahead log since the last sync (the in-memory backend only;
+    /// 0 elsewhere).
+    fn unsynced_writes(&self) -> usize {
+        0
     }
 }
 

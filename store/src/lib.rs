@@ -14,6 +14,7 @@
 mod auth;
 mod chunk;
 mod content;
+mod env;
 mod error;
 mod fsck;
 mod kv;
@@ -30,6 +31,7 @@ pub use auth::{
 };
 pub use chunk::{cut, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use content::{is_zero, NewExtent};
+pub use env::{Env, SystemEnv};
 pub use error::{Result, StoreError};
 pub use fsck::FsckReport;
 pub use kv::rocks::RocksOptions;

@@ -185,7 +185,7 @@ impl<'a> Txn<'a> {
         let ino = self.alloc_ino();
         let is_dir = new.kind == FileKind::Dir;
         let rec = NodeRecord {
-            id: NodeId::random(),
+            id: self.new_id(),
             kind: new.kind,
             perm: new.perm & 0o7777,
             uid: new.uid,
@@ -276,7 +276,7 @@ impl<'a> Txn<'a> {
         n.nlink += 1;
         n.ctime = self.now();
         self.put_node(ino, &n);
-        let entry = NodeId::random();
+        let entry = self.new_id();
         self.put_dirent(
             parent,
             name,

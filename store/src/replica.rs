@@ -694,6 +694,78 @@ impl Txn<'_> {
         Ok(hash)
     }
 
+    /// Refuses an op whose clock is not after that of every op it depends on that is held
+    /// here: its writer's previous op, the `Create` of each node it names, the versions it
+    /// saw. An honest device's clock is past everything it has seen, so only a backdated op
+    /// fails; without this check it would sort before its own causes, and devices that
+    /// receive them in different orders would settle differently (clock order must respect
+    /// causality for the move log and the attribute registers).
+    fn check_clock_order(&self, op: &OpRecord) -> Result<()> {
+        let mut causes: Vec<OpId> = Vec::new();
+        if op.id.seq > 1 {
+            causes.push(OpId {
+                seq: op.id.seq - 1,
+                ..op.id
+            });
+        }
+        let mut nodes: Vec<NodeId> = Vec::new();
+        match &op.kind {
+            OpKind::Create { parent, .. } => nodes.push(*parent),
+            OpKind::Link { node, parent, .. } => nodes.extend([*node, *parent]),
+            OpKind::Unlink {
+                node, parent, seen, ..
+            } => {
+                nodes.extend([*node, *parent]);
+                causes.extend(*seen);
+            }
+            OpKind::Rename {
+                node,
+                from_parent,
+                to_parent,
+                other,
+                ..
+            } => {
+                nodes.extend([*node, *from_parent, *to_parent]);
+                if let Some((n, _, seen)) = other {
+                    nodes.push(*n);
+                    causes.extend(*seen);
+                }
+            }
+            OpKind::SetAttr { node, .. } | OpKind::SetXattr { node, .. } => nodes.push(*node),
+            OpKind::Content { node, base, .. } => {
+                nodes.push(*node);
+                causes.extend(*base);
+            }
+            OpKind::Member { .. } => {}
+        }
+        for node in nodes {
+            if node == NodeId::ROOT {
+                continue;
+            }
+            let born = self
+                .born(node)?
+                .ok_or_else(|| invalid(format!("unknown node {node}")))?;
+            causes.push(born.created);
+        }
+        for cause in causes {
+            // A cause not held yet: refused until it comes (its author held it, so it is
+            // on its way), so that every device decides on the same ops.
+            let c = self.op_at(cause)?.ok_or_else(|| {
+                invalid(format!(
+                    "it depends on op {}, not held here yet",
+                    cause.fmt_short()
+                ))
+            })?;
+            if c.hlc >= op.hlc {
+                return Err(invalid(format!(
+                    "its clock is not after that of op {} it depends on (backdated)",
+                    cause.fmt_short()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn apply_one(&mut self, op: &OpRecord, sig: Option<Option<OpHash>>, cx: &mut Cx) -> Result<()> {
         let w = op.id.writer();
         let head = if w == self.state.writer() {
@@ -709,6 +781,7 @@ impl Txn<'_> {
         }
         let hash = self.authenticate(op, head, sig)?;
         validate(op)?;
+        self.check_clock_order(op)?;
         self.state.heads.insert(w, (op.id.seq, hash));
         self.state.heads_changed = true;
         self.state.hlc = self.state.hlc.max(op.hlc);
@@ -1285,7 +1358,9 @@ impl Txn<'_> {
             }
         };
         self.set_loc(m.entry, m.node, m.kind, &from, &to, cx)?;
-        if first && to.is_none() && by.0 != self.state.device {
+        // Every op applied here is another writer's, an earlier incarnation of this device's
+        // included: a delete it made never saw this incarnation's edits (a restore).
+        if first && to.is_none() {
             if let Some(loc) = &from {
                 cx.removed.insert(m.node, (m.seen, loc.clone()));
             }
@@ -1354,11 +1429,11 @@ impl Txn<'_> {
         let OpKind::Content { node, mtime, .. } = &op.kind else {
             return Ok(());
         };
-        let Some(ino) = self.ino_of_id(*node)? else {
+        let Some((_, n)) = self.node_or_ghost(*node)? else {
             return Ok(());
         };
         let (map, size) = self.materialize(*node, Some(op.id))?;
-        let copy = self.conflict_file(ino, loc, cx)?;
+        let copy = self.conflict_file(&n, loc, cx)?;
         let extents = map.into_iter().map(|(o, (c, l))| (o, c, l)).collect();
         self.fill_empty(copy, extents, size, *mtime)
     }
@@ -1366,16 +1441,16 @@ impl Txn<'_> {
     /// Keeps this device's version of file `ino` as a new file next to `loc` (a conflict
     /// copy), with ordinary local ops so that it reaches every device.
     fn conflict_copy(&mut self, ino: Ino, loc: &Loc, cx: &mut Cx) -> Result<()> {
-        let size = self.node_req(ino)?.size;
-        let copy = self.conflict_file(ino, loc, cx)?;
+        let n = self.node_req(ino)?;
+        let copy = self.conflict_file(&n, loc, cx)?;
+        let size = n.size;
         self.copy_range(ino, 0, copy, 0, size)?;
         Ok(())
     }
 
     /// A new empty file next to `loc` under a conflict name of this device, with the
-    /// attributes of file `ino`.
-    fn conflict_file(&mut self, ino: Ino, loc: &Loc, cx: &mut Cx) -> Result<Ino> {
-        let n = self.node_req(ino)?;
+    /// attributes of `n`.
+    fn conflict_file(&mut self, n: &NodeRecord, loc: &Loc, cx: &mut Cx) -> Result<Ino> {
         let (mut parent, name) = loc.clone();
         if !self.is_live_dir(parent)? {
             parent = NodeId::ROOT;
@@ -1559,6 +1634,19 @@ impl Txn<'_> {
                     self.put(Cf::Born, &key::node_id(node), records::encode(&born));
                 }
             }
+            // The author is this device, an earlier incarnation of it (the store was
+            // restored from a backup): the copy it made then, if the delete had not seen
+            // the edit, was lost with it, so this device makes it again.
+            if op.id.device == self.state.device {
+                let seen = self.last_removal(node)?.and_then(|m| m.seen);
+                let later = cx
+                    .lost_own
+                    .get(&node)
+                    .is_none_or(|o| (o.hlc, o.id) < (op.hlc, op.id));
+                if later && !self.descends(seen, op.id)? {
+                    cx.lost_own.insert(node, op.clone());
+                }
+            }
             return Ok(());
         };
         if n.kind != FileKind::File {
@@ -1631,10 +1719,49 @@ impl Txn<'_> {
     /// Where to put a conflict copy of `node`: next to its first name, or (if only a later
     /// hard link is left, whose entry has an id of its own) in the root.
     fn copy_loc(&self, node: NodeId) -> Result<Loc> {
-        Ok(match self.entry(node)? {
-            Some(e) => (e.parent, e.name),
-            None => (NodeId::ROOT, b"conflict".to_vec()),
-        })
+        if let Some(e) = self.entry(node)? {
+            return Ok((e.parent, e.name));
+        }
+        Ok(self
+            .last_removal(node)?
+            .and_then(|m| m.from)
+            .unwrap_or_else(|| (NodeId::ROOT, b"conflict".to_vec())))
+    }
+
+    /// The move that last took `node` out of the tree here, if any. Walks the whole move
+    /// log: only an edit of an earlier incarnation of this device for a file deleted here
+    /// (after a restore) asks.
+    fn last_removal(&self, node: NodeId) -> Result<Option<MoveRecord>> {
+        let mut last = None;
+        let mut from = Vec::new();
+        loop {
+            let batch = self.scan(Cf::Moves, &from, &[0xff; key::MV_LEN + 1], 4096)?;
+            let Some((k, _)) = batch.last() else {
+                return Ok(last);
+            };
+            from = kv::key_after(k);
+            for (_, v) in &batch {
+                let m: MoveRecord = records::decode("move", v)?;
+                if m.node == node && m.to.is_none() && m.from.is_some() {
+                    last = Some(m);
+                }
+            }
+        }
+    }
+
+    /// True if content version `v` is `of` or was based on it (follows `v`'s bases).
+    fn descends(&self, mut v: Option<OpId>, of: OpId) -> Result<bool> {
+        for _ in 0..MAX_CHAIN {
+            let Some(id) = v else { return Ok(false) };
+            if id == of {
+                return Ok(true);
+            }
+            v = match self.op_at(id)?.map(|o| o.kind) {
+                Some(OpKind::Content { base, .. }) => base,
+                _ => None,
+            };
+        }
+        Ok(false)
     }
 
     /// The extent map and size of `node` at content version `version`, rebuilt from the op

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use crate::auth::{self, Signer, GENESIS};
 use crate::chunk;
+use crate::env::{Env, SystemEnv};
 use crate::error::{Result, StoreError};
 use crate::kv::mem::MemBackend;
 use crate::kv::rocks::{RocksBackend, RocksOptions};
@@ -28,7 +29,7 @@ use crate::txn::{
     is_pushed_marker, pushed_fields, pushed_marker, pushed_token, unix_secs, PreparedChunk, Txn,
     WriterState, PUSHED_BIT,
 };
-use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Timestamp, Writer, ROOT_INO};
+use crate::types::{ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, Writer, ROOT_INO};
 
 /// New chunks being stored ahead of one commit (`Store::stage_part`).
 #[derive(Debug)]
@@ -68,6 +69,8 @@ pub struct StoreOptions {
     /// Free space kept in reserve on the data directory's disk: new data is refused with
     /// `NoSpace` below it, so that deletes and RocksDB's own flushes still fit.
     pub reserve_bytes: u64,
+    /// The clock and id source (`SystemEnv`; simulations run on virtual time).
+    pub env: Arc<dyn Env>,
 }
 
 impl Default for StoreOptions {
@@ -76,6 +79,7 @@ impl Default for StoreOptions {
             rocks: RocksOptions::default(),
             chunk_cache_bytes: 256 << 20,
             reserve_bytes: 192 << 20,
+            env: Arc::new(SystemEnv),
         }
     }
 }
@@ -203,6 +207,7 @@ struct Inner {
     committed: AtomicU64,
     synced: Mutex<u64>,
     writer: Mutex<WriterState>,
+    env: Arc<dyn Env>,
     device: DeviceId,
     namespace: [u8; 16],
     /// Signs the ops recorded here (`None`: opened for inspection, records nothing).
@@ -325,9 +330,20 @@ impl Store {
         owner: RootOwner,
         namespace: [u8; 16],
     ) -> Result<Store> {
+        Store::in_memory_with(&StoreOptions::default(), signer, owner, namespace)
+    }
+
+    /// A new store in memory in the namespace `namespace`, with `opts` (simulations give
+    /// their own `Env`).
+    pub fn in_memory_with(
+        opts: &StoreOptions,
+        signer: Arc<dyn Signer>,
+        owner: RootOwner,
+        namespace: [u8; 16],
+    ) -> Result<Store> {
         Store::from_backend(
             Box::new(MemBackend::default()),
-            &StoreOptions::default(),
+            opts,
             None,
             Some(signer),
             Some((owner, Some(namespace))),
@@ -349,17 +365,30 @@ impl Store {
     /// key: what a device restored from a backup of its data directory is (simulations).
     /// `None` for a store on disk (copy its directory instead).
     pub fn restored_copy(&self) -> Result<Option<Store>> {
-        let Some(copy) = self.inner.backend.copy_in_memory() else {
+        self.reopened_copy(None)
+    }
+
+    /// What this in-memory store would be after a power cut now, reopened: its durable
+    /// state and the first `keep` of its unsynced writes (`unsynced_writes`), as a new
+    /// incarnation (simulations). `None` for a store on disk.
+    pub fn crashed_copy(&self, keep: usize) -> Result<Option<Store>> {
+        self.reopened_copy(Some(keep))
+    }
+
+    /// Writes since the last WAL sync, for `crashed_copy` (0 for a store on disk).
+    pub fn unsynced_writes(&self) -> usize {
+        self.inner.backend.unsynced_writes()
+    }
+
+    fn reopened_copy(&self, crash: Option<usize>) -> Result<Option<Store>> {
+        let Some(copy) = self.inner.backend.copy_in_memory(crash) else {
             return Ok(None);
         };
-        Store::from_backend(
-            copy,
-            &StoreOptions::default(),
-            None,
-            self.inner.signer.clone(),
-            None,
-        )
-        .map(Some)
+        let opts = StoreOptions {
+            env: self.inner.env.clone(),
+            ..StoreOptions::default()
+        };
+        Store::from_backend(copy, &opts, None, self.inner.signer.clone(), None).map(Some)
     }
 
     fn from_backend(
@@ -374,7 +403,7 @@ impl Store {
                 .as_deref()
                 .ok_or_else(|| StoreError::Invalid("a new store needs its device key".into()))?;
             let (key, device) = auth::signer_key(signer)?;
-            initialize(&*backend, device, &key, owner, namespace)?;
+            initialize(&*backend, device, &key, owner, namespace, &*opts.env)?;
         }
         let format = backend.get(Cf::Meta, key::META_FORMAT)?;
         match format {
@@ -450,7 +479,7 @@ impl Store {
         let state = WriterState {
             device,
             namespace,
-            incarnation: u64::from_le_bytes(crate::types::random_bytes()),
+            incarnation: incarnation(&*opts.env),
             next_ino: meta_u64(&*backend, key::META_NEXT_INO)?,
             next_seq: 1,
             last_hash: GENESIS,
@@ -477,6 +506,7 @@ impl Store {
                 committed: AtomicU64::new(0),
                 synced: Mutex::new(0),
                 writer: Mutex::new(state),
+                env: opts.env.clone(),
                 device,
                 namespace,
                 signer,
@@ -567,7 +597,7 @@ impl Store {
             heads: Default::default(),
             heads_changed: false,
         };
-        Txn::new(&*self.inner.backend, state, Timestamp::now())
+        Txn::new(&*self.inner.backend, state, &*self.inner.env)
     }
 
     /// The node with this ino.
@@ -1226,7 +1256,7 @@ impl Store {
     /// With `sync`, the batch is durable when this returns. Nothing is written if `f` fails.
     pub fn commit<T>(&self, sync: bool, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
         let mut state = self.inner.writer.lock();
-        let mut tx = Txn::new(&*self.inner.backend, state.clone(), Timestamp::now());
+        let mut tx = Txn::new(&*self.inner.backend, state.clone(), &*self.inner.env);
         let out = f(&mut tx)?;
         let (new_bytes, freed_bytes) = (tx.new_bytes, tx.freed_bytes);
         if new_bytes > 0 {
@@ -1325,17 +1355,24 @@ fn clean_staged(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
+/// A fresh incarnation number for this opening of a store.
+fn incarnation(env: &dyn Env) -> u64 {
+    let b = env.unique();
+    u64::from_le_bytes(b[..8].try_into().expect("8 of 16 bytes"))
+}
+
 fn initialize(
     backend: &dyn Backend,
     device: DeviceId,
     key: &[u8; auth::KEY_LEN],
     owner: RootOwner,
     namespace: Option<[u8; 16]>,
+    env: &dyn Env,
 ) -> Result<()> {
     if backend.get(Cf::Meta, key::META_FORMAT)?.is_some() {
         return Err(StoreError::corrupt("store is already initialized"));
     }
-    let now = Timestamp::now();
+    let now = env.now();
     let root = NodeRecord {
         id: NodeId::ROOT,
         kind: FileKind::Dir,
@@ -1359,7 +1396,7 @@ fn initialize(
         dirs: 1,
         ..StatsRecord::default()
     };
-    let namespace: [u8; 16] = namespace.unwrap_or_else(crate::types::random_bytes);
+    let namespace: [u8; 16] = namespace.unwrap_or_else(|| env.unique());
     let batch = vec![
         (
             Cf::Meta,

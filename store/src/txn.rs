@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::auth::{self, OpHash, Signer};
 use crate::chunk;
+use crate::env::Env;
 use crate::error::{Result, StoreError};
 use crate::kv::{self, BatchOp, Cf, Kv, ReadView};
 use crate::records::{
@@ -129,6 +130,7 @@ pub struct Txn<'a> {
     view: &'a dyn ReadView,
     overlay: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     pub(crate) state: WriterState,
+    env: &'a dyn Env,
     now: Timestamp,
     /// The ops recorded, each with its hash (signed at `finish`).
     ops: Vec<(OpRecord, OpHash)>,
@@ -146,12 +148,13 @@ impl std::fmt::Debug for Txn<'_> {
 }
 
 impl<'a> Txn<'a> {
-    pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, now: Timestamp) -> Txn<'a> {
+    pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, env: &'a dyn Env) -> Txn<'a> {
         Txn {
             view,
             overlay: BTreeMap::new(),
             state,
-            now,
+            env,
+            now: env.now(),
             ops: Vec::new(),
             new_bytes: 0,
             freed_bytes: 0,
@@ -161,6 +164,17 @@ impl<'a> Txn<'a> {
     /// The wall-clock time this transaction runs at.
     pub fn now(&self) -> Timestamp {
         self.now
+    }
+
+    /// A fresh id for a new node or directory entry.
+    pub(crate) fn new_id(&self) -> NodeId {
+        loop {
+            let id = u128::from_le_bytes(self.env.unique());
+            // Small values are reserved for well-known nodes.
+            if id > 0xffff {
+                return NodeId(id);
+            }
+        }
     }
 
     /// This device.

@@ -1,13 +1,14 @@
 //! An in-memory backend: a `BTreeMap` per column family behind a lock.
 //!
 //! Used by tests (the proptest reference model, fast unit tests) so that store logic is checked
-//! against a second implementation of the same contract. Not durable.
+//! against a second implementation of the same contract, and simulations of power cuts: it
+//! models what RocksDB keeps after one (see `copy_in_memory`).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::{Backend, BatchOp, Cf, ReadView, Scan};
 use crate::error::Result;
@@ -18,6 +19,59 @@ type Tables = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
 #[derive(Debug, Default)]
 pub(crate) struct MemBackend {
     tables: RwLock<Tables>,
+    /// What a power cut would leave.
+    durable: Mutex<Durable>,
+}
+
+/// The durable state: what survives a power cut at best, and the writes since.
+#[derive(Debug, Default)]
+struct Durable {
+    /// Every synced write (and every chunk write made durable) applied.
+    tables: Tables,
+    /// Writes not yet durable, in order; `true` for chunk writes, which skip the WAL.
+    pending: Vec<(bool, Vec<BatchOp>)>,
+}
+
+fn apply(tables: &mut Tables, batch: Vec<BatchOp>) {
+    for (cf, key, value) in batch {
+        let t = tables.entry(cf).or_default();
+        match value {
+            Some(v) => {
+                t.insert(key, v);
+            }
+            None => {
+                t.remove(&key);
+            }
+        }
+    }
+}
+
+impl MemBackend {
+    fn write_logged(&self, batch: Vec<BatchOp>, sync: bool, chunks: bool) {
+        let mut durable = self.durable.lock();
+        durable.pending.push((chunks, batch.clone()));
+        apply(&mut self.tables.write(), batch);
+        if sync {
+            Self::make_durable(&mut durable, |_| true);
+        }
+    }
+
+    /// Applies the pending writes `which` selects to the durable state, in order.
+    fn make_durable(durable: &mut Durable, which: impl Fn(bool) -> bool) {
+        let pending = std::mem::take(&mut durable.pending);
+        for (chunks, batch) in pending {
+            if which(chunks) {
+                apply(&mut durable.tables, batch);
+            } else {
+                durable.pending.push((chunks, batch));
+            }
+        }
+    }
+
+    /// Writes through the write-ahead log that are not yet durable.
+    pub(crate) fn unsynced(&self) -> usize {
+        self.durable.lock().pending.iter().filter(|p| !p.0).count()
+    }
 }
 
 struct MemSnapshot(Tables);
@@ -61,44 +115,56 @@ impl ReadView for MemSnapshot {
 }
 
 impl Backend for MemBackend {
-    fn copy_in_memory(&self) -> Option<Box<dyn Backend>> {
+    fn copy_in_memory(&self, crash: Option<usize>) -> Option<Box<dyn Backend>> {
+        let durable = self.durable.lock();
+        let tables = match crash {
+            None => self.tables.read().clone(),
+            Some(keep) => {
+                // A power cut keeps what was synced and a prefix of the WAL written since
+                // (RocksDB replays the WAL up to its first torn record); chunk writes that
+                // skipped the WAL and were not flushed are gone.
+                let mut tables = durable.tables.clone();
+                for (_, batch) in durable.pending.iter().filter(|p| !p.0).take(keep) {
+                    apply(&mut tables, batch.clone());
+                }
+                tables
+            }
+        };
         Some(Box::new(MemBackend {
-            tables: RwLock::new(self.tables.read().clone()),
+            durable: Mutex::new(Durable {
+                tables: tables.clone(),
+                pending: Vec::new(),
+            }),
+            tables: RwLock::new(tables),
         }))
     }
 
-    fn write(&self, batch: Vec<BatchOp>, _sync: bool) -> Result<()> {
-        let mut tables = self.tables.write();
-        for (cf, key, value) in batch {
-            let t = tables.entry(cf).or_default();
-            match value {
-                Some(v) => {
-                    t.insert(key, v);
-                }
-                None => {
-                    t.remove(&key);
-                }
-            }
-        }
+    fn unsynced_writes(&self) -> usize {
+        self.unsynced()
+    }
+
+    fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()> {
+        self.write_logged(batch, sync, false);
         Ok(())
     }
     fn sync(&self) -> Result<()> {
+        Self::make_durable(&mut self.durable.lock(), |_| true);
         Ok(())
     }
     fn get_chunk(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
         self.get(Cf::Chunks, id)
     }
     fn wait_chunks_durable(&self) -> Result<()> {
+        Self::make_durable(&mut self.durable.lock(), |chunks| chunks);
         Ok(())
     }
     fn write_chunks(&self, chunks: Vec<(Vec<u8>, Bytes)>) -> Result<()> {
-        self.write(
-            chunks
-                .into_iter()
-                .map(|(k, v)| (Cf::Chunks, k, Some(v.to_vec())))
-                .collect(),
-            false,
-        )
+        let batch = chunks
+            .into_iter()
+            .map(|(k, v)| (Cf::Chunks, k, Some(v.to_vec())))
+            .collect();
+        self.write_logged(batch, false, true);
+        Ok(())
     }
     fn snapshot(&self) -> Box<dyn ReadView + '_> {
         Box::new(MemSnapshot(self.tables.read().clone()))

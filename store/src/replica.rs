@@ -337,17 +337,7 @@ impl Store {
             }
             *top = (*top).min(self.durable_seq());
         }
-        let mut all = Vec::new();
-        for (w, &top) in &vv {
-            let from = have.get(w).copied().unwrap_or(0);
-            if from < top {
-                let mut ops = self.ops(*w, from + 1, limit)?;
-                ops.retain(|o| o.id.seq <= top);
-                all.extend(ops);
-            }
-        }
-        all.sort_by_key(|o| (o.hlc, o.id));
-        all.truncate(limit);
+        let mut all = self.merged_ops(&vv, have, limit)?;
         // The receiver checks the signature of each writer's last op in the batch and the
         // hash chain of the others, so that op must carry a good one: another device's ops
         // were checked that way here, not one by one.
@@ -370,6 +360,74 @@ impl Store {
                     "not passing on an op whose signature does not verify (an earlier op of its writer is)"
                 );
                 all.remove(last);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The first `limit` ops in clock order of those held here (`vv`) beyond `have`: a
+    /// merge of the writers' logs (each in clock order, its sequence order), read a page at
+    /// a time, so that a store with many writers reads about `limit` ops, not `limit` per
+    /// writer.
+    fn merged_ops(
+        &self,
+        vv: &VersionVector,
+        have: &VersionVector,
+        limit: usize,
+    ) -> Result<Vec<OpRecord>> {
+        use std::cmp::Reverse;
+        use std::collections::{BinaryHeap, VecDeque};
+        /// One writer's ops not yet merged: those read, then from `next` up to `top`.
+        struct Cursor {
+            writer: Writer,
+            read: VecDeque<OpRecord>,
+            next: u64,
+            top: u64,
+            page: usize,
+        }
+        impl Cursor {
+            fn fill(&mut self, store: &Store) -> Result<()> {
+                if self.read.is_empty() && self.next <= self.top {
+                    let want = (self.top - self.next + 1).min(self.page as u64) as usize;
+                    let ops = store.ops(self.writer, self.next, want)?;
+                    self.next = ops.last().map_or(self.top, |o| o.id.seq) + 1;
+                    self.read
+                        .extend(ops.into_iter().filter(|o| o.id.seq <= self.top));
+                    self.page = (self.page * 2).min(1024);
+                }
+                Ok(())
+            }
+        }
+        let mut cursors = Vec::new();
+        let mut heap = BinaryHeap::new();
+        for (w, &top) in vv {
+            let from = have.get(w).copied().unwrap_or(0);
+            if from >= top {
+                continue;
+            }
+            let mut c = Cursor {
+                writer: *w,
+                read: VecDeque::new(),
+                next: from + 1,
+                top,
+                page: 8.min(limit),
+            };
+            c.fill(self)?;
+            if let Some(op) = c.read.front() {
+                heap.push(Reverse(((op.hlc, op.id), cursors.len())));
+            }
+            cursors.push(c);
+        }
+        let mut all = Vec::new();
+        while all.len() < limit {
+            let Some(Reverse((_, i))) = heap.pop() else {
+                break;
+            };
+            let c = &mut cursors[i];
+            all.extend(c.read.pop_front());
+            c.fill(self)?;
+            if let Some(op) = c.read.front() {
+                heap.push(Reverse(((op.hlc, op.id), i)));
             }
         }
         Ok(all)

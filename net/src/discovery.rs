@@ -81,7 +81,7 @@ impl Discovery {
                     .map(|ip| SocketAddr::new(IpAddr::V4(ip), port))
                     .collect();
                 tracing::debug!(device = %other.fmt_short(), ?addrs, "mDNS: found a device");
-                net.discovered(other, addrs);
+                net.discovered(other, addrs).await;
             }
         });
         tracing::info!(service = SERVICE, port, "announcing this device with mDNS");

@@ -143,7 +143,8 @@ impl Inviter {
     }
 
     /// True if the join endpoint is open (an invitation is outstanding or being redeemed).
-    pub async fn is_open(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) async fn is_open(&self) -> bool {
         self.endpoint.lock().await.is_some()
     }
 
@@ -152,8 +153,7 @@ impl Inviter {
         let mut ep = self.endpoint.lock().await;
         let outstanding = {
             let mut open = self.open.lock().expect("invites lock");
-            let now = unix_now();
-            open.retain(|_, &mut exp| exp > now);
+            prune_expired(&mut open);
             !open.is_empty()
         };
         if outstanding || self.joins.available_permits() < MAX_JOINS {
@@ -174,7 +174,8 @@ impl Inviter {
         ttl: Duration,
     ) -> Result<Invite> {
         let secret: [u8; 16] = pvfs_store::os_random()?;
-        let expires = unix_now() + ttl.as_secs().max(1);
+        let ttl = Duration::from_secs(ttl.as_secs().max(1));
+        let expires = unix_now() + ttl.as_secs();
         let port = {
             let mut ep = self.endpoint.lock().await;
             if ep.is_none() {
@@ -186,14 +187,13 @@ impl Inviter {
             }
             let port = ep.as_ref().expect("set above").local_addr()?.port();
             let mut open = self.open.lock().expect("invites lock");
-            let now = unix_now();
-            open.retain(|_, &mut exp| exp > now);
+            prune_expired(&mut open);
             open.insert(secret, expires);
             port
         };
         // Closed again once this one expires, unless others are outstanding.
         let me = self.clone();
-        let ttl = Duration::from_secs(ttl.as_secs().max(1)) + Duration::from_millis(100);
+        let ttl = ttl + Duration::from_millis(100);
         tokio::spawn(async move {
             tokio::time::sleep(ttl).await;
             me.close_if_idle().await;
@@ -237,11 +237,12 @@ impl Inviter {
     }
 
     async fn redeem(&self, peer: &crate::transport::Peer) -> Result<()> {
-        let (mut send, mut recv) =
-            tokio::time::timeout(Duration::from_secs(10), peer.conn.accept_bi())
-                .await
-                .map_err(|_| NetError::Connect("no request".into()))?
-                .map_err(|e| NetError::Connect(e.to_string()))?;
+        // Within `JOIN_TIMEOUT` as a whole (the caller's).
+        let (mut send, mut recv) = peer
+            .conn
+            .accept_bi()
+            .await
+            .map_err(|e| NetError::Connect(e.to_string()))?;
         let Some(Message::Join { secret, name }) = wire::read_message(&mut recv).await? else {
             return Err(NetError::Malformed("expected Join".into()));
         };
@@ -259,30 +260,39 @@ impl Inviter {
                 "used, expired or unknown invitation".into(),
             ));
         }
-        if self
-            .store
-            .members()?
-            .iter()
-            .any(|(d, m)| *d == peer.device && m.removed)
-        {
-            let msg = Message::Error("this device was removed from the namespace".into());
-            let _ = wire::write_message(&mut send, &msg).await;
-            let _ = send.finish();
-            return Err(NetError::Connect(
-                "a removed device tried to join again".into(),
-            ));
-        }
         let store = self.store.clone();
         let device = peer.device;
         let n = name.clone();
-        let (members, keys) = tokio::task::spawn_blocking(move || {
+        let answer = tokio::task::spawn_blocking(move || {
+            if store
+                .members()?
+                .iter()
+                .any(|(d, m)| *d == device && m.removed)
+            {
+                return Ok(Err("this device was removed from the namespace"));
+            }
+            // The welcome must fit the joiner's limits, checked before the change is made.
+            let members = store.member_ops()?;
+            let authors =
+                store.device_keys(members.iter().map(|o| o.id.device).chain([store.device()]))?;
+            if members.len() >= wire::MAX_OPS || authors.len() > wire::MAX_KEYS {
+                return Ok(Err("the namespace's member list is too long to send"));
+            }
             store.commit(true, |tx| tx.set_member(device, &n, true))?;
             let members = store.member_ops()?;
             let keys = store.device_keys(members.iter().map(|o| o.id.device))?;
-            Ok::<_, pvfs_store::StoreError>((members, keys))
+            Ok::<_, pvfs_store::StoreError>(Ok((members, keys)))
         })
         .await
         .map_err(|e| NetError::Io(std::io::Error::other(e)))??;
+        let (members, keys) = match answer {
+            Ok(welcome) => welcome,
+            Err(why) => {
+                let _ = wire::write_message(&mut send, &Message::Error(why.into())).await;
+                let _ = send.finish();
+                return Err(NetError::Connect(why.into()));
+            }
+        };
         tracing::info!(device = %device.fmt_short(), %name, "a new device joined");
         let welcome = Message::Welcome {
             namespace: self.store.namespace(),
@@ -347,7 +357,7 @@ pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<Welc
                 other => Err(NetError::Malformed(format!("unexpected answer {other:?}"))),
             }
         };
-        match tokio::time::timeout(Duration::from_secs(10), res).await {
+        match tokio::time::timeout(JOIN_TIMEOUT, res).await {
             Ok(Ok(ok)) => {
                 endpoint.close();
                 return Ok(ok);
@@ -358,6 +368,12 @@ pub async fn join(invite: &Invite, cert: &DeviceCert, name: &str) -> Result<Welc
     }
     endpoint.close();
     Err(last)
+}
+
+/// Forgets the invitations that have expired.
+fn prune_expired(open: &mut HashMap<[u8; 16], u64>) {
+    let now = unix_now();
+    open.retain(|_, &mut exp| exp > now);
 }
 
 #[cfg(test)]

@@ -393,22 +393,13 @@ impl Net {
                     .copied()
                     .collect();
                 // Devices that are not (or no longer) members are forgotten, not dialled.
-                let store = keeper.shared.store.clone();
-                let Ok(members) = tokio::task::spawn_blocking(move || {
-                    known
-                        .into_iter()
-                        .map(|d| (d, store.is_member(&d).unwrap_or(false)))
-                        .collect::<Vec<_>>()
-                })
-                .await
-                else {
-                    continue;
-                };
-                for (d, member) in members {
-                    if member {
-                        keeper.dial_known(d);
-                    } else {
-                        keeper.shared.known.lock().expect("known lock").remove(&d);
+                for (d, member) in keeper.shared.membership(known).await {
+                    match member {
+                        Some(true) => keeper.dial_known(d),
+                        Some(false) => {
+                            keeper.shared.known.lock().expect("known lock").remove(&d);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -447,30 +438,22 @@ impl Net {
     /// A device was heard of at `addrs` (mDNS): if it is a member, it is dialled now, and
     /// again whenever it is not connected (an announcement of any other id is ignored: anyone
     /// on the network can announce anything).
-    pub fn discovered(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
+    pub async fn discovered(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
         if addrs.is_empty() {
             return;
         }
-        let net = self.clone();
-        tokio::spawn(async move {
-            let store = net.shared.store.clone();
-            let member = tokio::task::spawn_blocking(move || store.is_member(&device))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .unwrap_or(false);
-            if !member {
-                tracing::debug!(device = %device.fmt_short(), "mDNS: not a member, not dialled");
-                return;
-            }
-            let addrs = addrs.into_iter().take(8).collect();
-            net.shared
-                .known
-                .lock()
-                .expect("known lock")
-                .insert(device, addrs);
-            net.dial_known(device);
-        });
+        let member = self.shared.membership(vec![device]).await;
+        if member.first().and_then(|m| m.1) != Some(true) {
+            tracing::debug!(device = %device.fmt_short(), "mDNS: not a member, not dialled");
+            return;
+        }
+        let addrs = addrs.into_iter().take(8).collect();
+        self.shared
+            .known
+            .lock()
+            .expect("known lock")
+            .insert(device, addrs);
+        self.dial_known(device);
     }
 
     fn dial_known(&self, device: DeviceId) {
@@ -833,7 +816,7 @@ impl Shared {
         hello: Option<Hello>,
     ) -> Result<()> {
         let have = self.version_vector().await?;
-        wire::write_message(&mut send, &self.hello(have)).await?;
+        wire::write_message(&mut send, &self.hello(have.clone())).await?;
         let hello = match hello {
             Some(h) => h,
             None => match wire::read_message(&mut recv).await? {
@@ -863,7 +846,7 @@ impl Shared {
         }
         let peer_have: VersionVector = hello.have.into_iter().collect();
         {
-            let behind = lacking(&peer_have, &self.version_vector().await?);
+            let behind = lacking(&peer_have, &have);
             let mut st = session.sync.lock().expect("sync lock");
             st.peer_had = Some(peer_have.clone());
             st.behind = behind;
@@ -1083,18 +1066,40 @@ impl Shared {
     }
 
     /// Closes the sessions of devices that are no longer members (a removal arrived).
+    /// Whether each of `devices` is a member, read on the blocking pool; `None` where the
+    /// store could not tell (logged): callers then leave that device as it is.
+    async fn membership(&self, devices: Vec<DeviceId>) -> Vec<(DeviceId, Option<bool>)> {
+        let store = self.store.clone();
+        let n = devices.len();
+        let read = tokio::task::spawn_blocking(move || {
+            devices
+                .into_iter()
+                .map(|d| match store.is_member(&d) {
+                    Ok(m) => (d, Some(m)),
+                    Err(e) => {
+                        tracing::error!(device = %d.fmt_short(), "reading the member list: {e}");
+                        (d, None)
+                    }
+                })
+                .collect()
+        })
+        .await;
+        read.unwrap_or_else(|e| {
+            tracing::error!("reading the member list: {e}");
+            Vec::with_capacity(n)
+        })
+    }
+
     async fn drop_removed(&self) {
         let sessions = self.sessions();
-        let store = self.store.clone();
-        let gone = tokio::task::spawn_blocking(move || {
-            sessions
-                .into_iter()
-                .filter(|s| !store.is_member(&s.device).unwrap_or(false))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for s in gone {
+        let members = self
+            .membership(sessions.iter().map(|s| s.device).collect())
+            .await;
+        for (s, _) in sessions
+            .into_iter()
+            .zip(members)
+            .filter(|(_, (_, m))| *m == Some(false))
+        {
             tracing::info!(device = %s.device.fmt_short(), "closing the session of a removed device");
             s.conn.close(3u32.into(), b"removed from the namespace");
         }

@@ -433,14 +433,15 @@ impl Store {
         Ok(all)
     }
 
-    /// The public keys of `devices` that this store knows (every author of an op it holds).
+    /// The public keys of `devices` that this store knows (every author of an op it holds),
+    /// each once.
     pub fn device_keys(
         &self,
         devices: impl IntoIterator<Item = DeviceId>,
     ) -> Result<Vec<[u8; KEY_LEN]>> {
         let r = self.reader();
         let mut out = Vec::new();
-        for d in devices {
+        for d in devices.into_iter().collect::<BTreeSet<_>>() {
             if let Some(k) = r.device_key(&d)? {
                 out.push(k);
             }

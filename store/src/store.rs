@@ -207,6 +207,8 @@ struct Inner {
     committed: AtomicU64,
     synced: Mutex<u64>,
     writer: Mutex<WriterState>,
+    /// The current members, as last read (`None`: read at the next `is_member`).
+    members: parking_lot::RwLock<Option<std::collections::HashSet<DeviceId>>>,
     env: Arc<dyn Env>,
     device: DeviceId,
     namespace: [u8; 16],
@@ -506,6 +508,7 @@ impl Store {
                 committed: AtomicU64::new(0),
                 synced: Mutex::new(0),
                 writer: Mutex::new(state),
+                members: Default::default(),
                 env: opts.env.clone(),
                 device,
                 namespace,
@@ -562,15 +565,22 @@ impl Store {
         Ok(out)
     }
 
-    /// True if `device` is a current member (added and never removed).
+    /// True if `device` is a current member (added and never removed). Answered from
+    /// memory once the member list has been read (a commit that changes it drops the copy),
+    /// so that the network may ask from an async task or a TLS verifier.
     pub fn is_member(&self, device: &DeviceId) -> Result<bool> {
-        Ok(self
-            .inner
-            .backend
-            .get(Cf::Meta, &key::member(device))?
-            .map(|v| records::decode::<MemberRecord>("member", &v))
-            .transpose()?
-            .is_some_and(|m| m.added && !m.removed))
+        let mut current = self.inner.members.write();
+        let set = match &*current {
+            Some(set) => set,
+            None => current.insert(
+                self.members()?
+                    .into_iter()
+                    .filter(|(_, m)| m.added && !m.removed)
+                    .map(|(d, _)| d)
+                    .collect(),
+            ),
+        };
+        Ok(set.contains(device))
     }
 
     /// Sets the function called after every commit that recorded ops.
@@ -1264,7 +1274,13 @@ impl Store {
         }
         let (batch, new_state, ops) =
             tx.finish(self.inner.signer.as_deref(), &self.inner.namespace)?;
+        let members_changed = batch
+            .iter()
+            .any(|(cf, k, _)| *cf == Cf::Meta && k.starts_with(key::META_MEMBER));
         self.inner.backend.write(batch, sync)?;
+        if members_changed {
+            *self.inner.members.write() = None;
+        }
         let last_seq = new_state.next_seq - 1;
         *state = new_state;
         self.inner.committed.fetch_add(1, Ordering::Release);

@@ -107,10 +107,9 @@ fn load_or_create_identity(data: &DataDir) -> anyhow::Result<Identity> {
 fn create_store(
     data: &DataDir,
     config: &Config,
-    identity: &Identity,
+    signer: Arc<DeviceCert>,
     namespace: Option<[u8; 16]>,
 ) -> anyhow::Result<Store> {
-    let signer = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
     let owner = RootOwner {
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
@@ -144,7 +143,8 @@ pub fn init(data: &DataDir, name: Option<&str>) -> anyhow::Result<Store> {
     }
     let config = Config::load(data)?;
     let identity = load_or_create_identity(data)?;
-    let store = create_store(data, &config, &identity, None)?;
+    let signer = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
+    let store = create_store(data, &config, signer, None)?;
     let name = device_name(&config);
     store.commit(true, |tx| tx.set_member(store.device(), &name, true))?;
     tracing::info!(device = %store.device(), %name, "created a new device and namespace");
@@ -163,8 +163,28 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     }
     let name = device_name(&config);
     let identity = load_or_create_identity(data)?;
-    let cert = DeviceCert::from_key_pem(&identity.pem())?;
+    let cert = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
     let (invite, welcome) = crate::network::join(token, &cert, &name)?;
+    // The namespace's members as the inviter knows them, each change signed by its author
+    // (this device then trusts every member, not only its inviter): checked on a scratch
+    // store in memory first, so that a bad list leaves nothing behind and `pvfs join` can
+    // be run again with another invitation.
+    let seed = |store: &Store| -> anyhow::Result<()> {
+        store
+            .seed_members(&welcome.members, &welcome.keys)
+            .context("the inviting device's member list")?;
+        anyhow::ensure!(
+            store.is_member(&store.device())? && store.is_member(&invite.inviter)?,
+            "the inviting device's member list does not show this device joined"
+        );
+        Ok(())
+    };
+    let owner = RootOwner { uid: 0, gid: 0 };
+    seed(&Store::in_memory_in(
+        cert.clone(),
+        owner,
+        welcome.namespace,
+    )?)?;
     // Remember the inviting device's addresses (and our name) for the next mount.
     let path = data.config();
     let mut table: toml::Table = match std::fs::read_to_string(&path) {
@@ -191,26 +211,25 @@ pub fn join(data: &DataDir, token: &str, name: Option<&str>) -> anyhow::Result<S
     let text = toml::to_string(&table)?;
     Config::parse(&text, &path)?;
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let store = create_store(data, &config, &identity, Some(welcome.namespace))?;
-    // The namespace's members as the inviter knows them, each change signed by its author:
-    // this device then trusts every member, not only its inviter.
-    store
-        .seed_members(&welcome.members, &welcome.keys)
-        .context("the inviting device's member list")?;
-    anyhow::ensure!(
-        store.is_member(&store.device())? && store.is_member(&invite.inviter)?,
-        "the inviting device's member list does not show this device joined"
-    );
+    let store = create_store(data, &config, cert, Some(welcome.namespace))?;
+    if let Err(e) = seed(&store) {
+        drop(store);
+        let db = data.root().join("db");
+        if let Err(rm) = std::fs::remove_dir_all(&db) {
+            tracing::warn!(path = %db.display(), error = %rm, "could not remove a half-made store");
+        }
+        return Err(e);
+    }
     let inviter_name = welcome.inviter_name;
     tracing::info!(device = %store.device(), %name, inviter = %inviter_name, "joined the namespace");
     Ok(store)
 }
 
+/// Opens the store of `data` (made private by `make_data_dir`), or makes a new one.
 fn open_store(data: &DataDir, config: &Config) -> anyhow::Result<Store> {
     if !Store::exists(data.root()) {
         return init(data, None);
     }
-    tighten_data_dir(data)?;
     let identity = Identity::load(&data.identity())?;
     let signer = Arc::new(DeviceCert::from_key_pem(&identity.pem())?);
     let store = Store::open(data.root(), &store_options(config), Some(signer))?;

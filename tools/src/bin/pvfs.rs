@@ -110,18 +110,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn read_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
     use anyhow::Context;
     use std::io::Read;
+    // A token is a few hundred bytes: more is not a token (and is not read into memory).
+    let read = |r: &mut dyn Read, from: &str| -> anyhow::Result<String> {
+        let mut s = String::new();
+        r.take(64 << 10)
+            .read_to_string(&mut s)
+            .with_context(|| format!("reading the token from {from}"))?;
+        Ok(s)
+    };
     let text = match (token.as_deref(), file) {
-        (Some("-"), _) => {
-            let mut s = String::new();
-            std::io::stdin()
-                .take(64 << 10)
-                .read_to_string(&mut s)
-                .context("reading the token from standard input")?;
-            s
-        }
+        (Some("-"), _) => read(&mut std::io::stdin(), "standard input")?,
         (Some(t), _) => t.to_string(),
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .with_context(|| format!("reading the token from {}", path.display()))?,
+        (None, Some(path)) => {
+            let from = path.display().to_string();
+            let mut f = std::fs::File::open(&path)
+                .with_context(|| format!("reading the token from {from}"))?;
+            read(&mut f, &from)?
+        }
         (None, None) => anyhow::bail!("no invitation token: give it, `-` or --token-file"),
     };
     let token = text.trim();

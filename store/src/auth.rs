@@ -133,9 +133,10 @@ impl Evidence {
     /// True if the two ops share an id, differ, and both carry valid signatures by `key`.
     pub fn proves(&self, namespace: &[u8; 16], key: &[u8; KEY_LEN]) -> bool {
         self.held.id == self.other.id
-            && op_hash(&self.held) != op_hash(&self.other)
-            && verify(namespace, key, &self.held).is_ok()
-            && verify(namespace, key, &self.other).is_ok()
+            && matches!(
+                (verify(namespace, key, &self.held), verify(namespace, key, &self.other)),
+                (Ok(a), Ok(b)) if a != b
+            )
     }
 }
 

@@ -390,24 +390,13 @@ impl Store {
         // Every writer's ops are gap-free from 1 and form one hash chain, which ends where
         // the store says it holds that writer (its heads, or this device's counters), and
         // whose last op carries its author's signature (which vouches for the chain).
-        let mut ends: BTreeMap<Writer, (u64, OpHash)> = match view.get(Cf::Meta, key::META_HEADS)? {
-            Some(b) => records::decode("heads", &b)?,
-            None => BTreeMap::new(),
+        let mut ends = match crate::store::stored_heads(view, self.device()) {
+            Ok(heads) => heads,
+            Err(e) => {
+                r.problem(format!("the store's heads: {e}"));
+                BTreeMap::new()
+            }
         };
-        let own_seq = meta(view, key::META_NEXT_SEQ)?
-            .unwrap_or(1)
-            .saturating_sub(1);
-        if own_seq > 0 {
-            let w = Writer {
-                device: self.device(),
-                incarnation: meta(view, key::META_INCARNATION)?.unwrap_or(0),
-            };
-            let hash = view
-                .get(Cf::Meta, key::META_LAST_HASH)?
-                .and_then(|h| h.try_into().ok())
-                .unwrap_or(GENESIS);
-            ends.insert(w, (own_seq, hash));
-        }
         let namespace = self.namespace();
         let mut chain: Option<(Writer, u64, OpHash, Option<OpRecord>)> = None;
         let mut finish =
@@ -423,11 +412,13 @@ impl Store {
                         end.map(|e| e.0)
                     )),
                 }
-                let key = view
-                    .get(Cf::Meta, &key::device_key(&w.device))
-                    .ok()
-                    .flatten()
-                    .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok());
+                let key = match view.get(Cf::Meta, &key::device_key(&w.device)) {
+                    Ok(k) => k.and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok()),
+                    Err(e) => {
+                        r.problem(format!("reading the key of {}: {e}", w.device.fmt_short()));
+                        return;
+                    }
+                };
                 match (key, last) {
                     (Some(key), Some(op)) => {
                         if let Err(e) = auth::verify(&namespace, &key, &op) {

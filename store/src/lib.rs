@@ -50,8 +50,7 @@ pub use replica::{
 pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{
-    os_random, random_bytes, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp,
-    Writer, ROOT_INO,
+    os_random, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, Writer, ROOT_INO,
 };
 
 /// The plaintext of a chunk received in its stored encoding (raw, or a zstd frame when

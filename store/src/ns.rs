@@ -119,7 +119,8 @@ impl<'a> Txn<'a> {
         let mut d = self.node_req(ino)?;
         d.mtime = self.now();
         d.ctime = self.now();
-        d.stamps.mtime = self.state.hlc.tick(self.now().millis());
+        // The register's clock is that of the op the caller records next.
+        d.stamps.mtime = self.next_hlc();
         d.nlink = d.nlink.saturating_add_signed(nlink_delta);
         self.put_node(ino, &d);
         Ok(())
@@ -335,13 +336,7 @@ impl<'a> Txn<'a> {
         }
         self.delete(Cf::Nodes, &key::ino(ino));
         self.delete(Cf::Ids, &key::node_id(n.id));
-        if let Some(mut born) = self.born(n.id)? {
-            if n.version.is_some() {
-                born.version = n.version;
-            }
-            born.attrs = Some(crate::records::Attrs::of(n));
-            self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
-        }
+        self.bury(n)?;
         self.delete(Cf::Orphans, &key::ino(ino));
         let s = &mut self.state.stats;
         s.nodes = s.nodes.saturating_sub(1);

@@ -182,6 +182,20 @@ struct Cx {
     lost_own: BTreeMap<NodeId, OpRecord>,
 }
 
+impl Cx {
+    /// Notes an edit of this device's earlier incarnation that lost here: the latest per
+    /// file is kept as a conflict copy when the batch settles.
+    fn lost_own(&mut self, node: NodeId, op: &OpRecord) {
+        let later = self
+            .lost_own
+            .get(&node)
+            .is_none_or(|o| (o.hlc, o.id) < (op.hlc, op.id));
+        if later {
+            self.lost_own.insert(node, op.clone());
+        }
+    }
+}
+
 /// A conflict name: `stem (conflict <device> <date>).ext`, within `NAME_MAX`.
 pub fn conflict_name(name: &[u8], device: DeviceId, hlc: Hlc, n: u32) -> Vec<u8> {
     let (stem, ext) = match name.iter().rposition(|&b| b == b'.') {
@@ -1094,9 +1108,13 @@ impl Txn<'_> {
         revived(id, &create, born.attrs).map(Some)
     }
 
-    /// Keeps the attributes of `n`, a node deleted here, for when a late op brings it back.
-    fn bury(&mut self, n: &NodeRecord) -> Result<()> {
+    /// Keeps the attributes (and content version, if any) of `n`, a node deleted here, for
+    /// when a late op brings it back.
+    pub(crate) fn bury(&mut self, n: &NodeRecord) -> Result<()> {
         if let Some(mut born) = self.born(n.id)? {
+            if n.version.is_some() {
+                born.version = n.version;
+            }
             born.attrs = Some(records::Attrs::of(n));
             self.put(Cf::Born, &key::node_id(n.id), records::encode(&born));
         }
@@ -1137,40 +1155,38 @@ fn revived(id: NodeId, create: &OpRecord, attrs: Option<records::Attrs>) -> Resu
 
 /// A node's record as its `Create` op made it, with no names yet.
 fn record_from_create(id: NodeId, create: &OpRecord) -> Result<NodeRecord> {
-    {
-        let OpKind::Create {
-            kind,
-            perm,
-            uid,
-            gid,
-            rdev,
-            target,
-            time,
-            ..
-        } = &create.kind
-        else {
-            return Err(StoreError::corrupt(format!("node {id}: no create op")));
-        };
-        let is_dir = *kind == FileKind::Dir;
-        Ok(NodeRecord {
-            id,
-            kind: *kind,
-            perm: perm & 0o7777,
-            uid: *uid,
-            gid: *gid,
-            rdev: *rdev,
-            nlink: if is_dir { 2 } else { 0 },
-            size: target.as_ref().map_or(0, |t| t.len() as u64),
-            atime: *time,
-            mtime: *time,
-            ctime: *time,
-            btime: *time,
-            parent: 0,
-            version: None,
-            stamps: Default::default(),
-            target: target.clone(),
-        })
-    }
+    let OpKind::Create {
+        kind,
+        perm,
+        uid,
+        gid,
+        rdev,
+        target,
+        time,
+        ..
+    } = &create.kind
+    else {
+        return Err(StoreError::corrupt(format!("node {id}: no create op")));
+    };
+    let is_dir = *kind == FileKind::Dir;
+    Ok(NodeRecord {
+        id,
+        kind: *kind,
+        perm: perm & 0o7777,
+        uid: *uid,
+        gid: *gid,
+        rdev: *rdev,
+        nlink: if is_dir { 2 } else { 0 },
+        size: target.as_ref().map_or(0, |t| t.len() as u64),
+        atime: *time,
+        mtime: *time,
+        ctime: *time,
+        btime: *time,
+        parent: 0,
+        version: None,
+        stamps: Default::default(),
+        target: target.clone(),
+    })
 }
 
 impl Txn<'_> {
@@ -1698,12 +1714,8 @@ impl Txn<'_> {
             // the edit, was lost with it, so this device makes it again.
             if op.id.device == self.state.device {
                 let seen = self.last_removal(node)?.and_then(|m| m.seen);
-                let later = cx
-                    .lost_own
-                    .get(&node)
-                    .is_none_or(|o| (o.hlc, o.id) < (op.hlc, op.id));
-                if later && !self.descends(seen, op.id)? {
-                    cx.lost_own.insert(node, op.clone());
+                if !self.descends(seen, op.id)? {
+                    cx.lost_own(node, op);
                 }
             }
             return Ok(());
@@ -1728,13 +1740,7 @@ impl Txn<'_> {
                 // coming back from a peer (the store was restored from a backup): it lost,
                 // so this device keeps it as a copy, as it would have then; once, for the
                 // last such edit of the file.
-                let later = cx
-                    .lost_own
-                    .get(&node)
-                    .is_none_or(|o| (o.hlc, o.id) < (op.hlc, op.id));
-                if later {
-                    cx.lost_own.insert(node, op.clone());
-                }
+                cx.lost_own(node, op);
             }
             return Ok(());
         }

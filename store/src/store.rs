@@ -437,47 +437,22 @@ impl Store {
             .try_into()
             .map_err(|_| StoreError::corrupt("namespace id length"))?;
         if let Some(signer) = signer.as_deref() {
-            let (key, of) = auth::signer_key(signer)?;
+            let (_, of) = auth::signer_key(signer)?;
             if of != device {
                 return Err(StoreError::Invalid(format!(
                     "the device key is device {of}'s, this store is device {device}'s"
                 )));
-            }
-            if backend.get(Cf::Meta, &key::device_key(&device))?.is_none() {
-                backend.write(
-                    vec![(Cf::Meta, key::device_key(&device), Some(key.to_vec()))],
-                    true,
-                )?;
             }
         }
         let stats = match backend.get(Cf::Meta, key::META_STATS)? {
             Some(b) => records::decode("stats", &b)?,
             None => StatsRecord::default(),
         };
-        let mut heads: std::collections::BTreeMap<Writer, (u64, auth::OpHash)> =
-            match backend.get(Cf::Meta, key::META_HEADS)? {
-                Some(b) => records::decode("heads", &b)?,
-                None => Default::default(),
-            };
-        // The last incarnation's ops are another writer's from now on: this opening makes
-        // its ops under a fresh incarnation, so that a store restored from a backup never
-        // reuses an op id its peers hold for other content. (The next commit persists it.)
-        let last_seq = meta_u64(&*backend, key::META_NEXT_SEQ)?.saturating_sub(1);
-        let heads_changed = last_seq > 0;
-        if last_seq > 0 {
-            let inc = meta_u64(&*backend, key::META_INCARNATION)?;
-            let hash: auth::OpHash = backend
-                .get(Cf::Meta, key::META_LAST_HASH)?
-                .and_then(|h| h.try_into().ok())
-                .ok_or_else(|| StoreError::corrupt("the last op's hash is missing"))?;
-            heads.insert(
-                Writer {
-                    device,
-                    incarnation: inc,
-                },
-                (last_seq, hash),
-            );
-        }
+        // The last opening's ops are another writer's from now on: this opening makes its
+        // ops under a fresh incarnation, so that a store restored from a backup never reuses
+        // an op id its peers hold for other content. (The next commit persists the heads.)
+        let heads = stored_heads(&*backend, device)?;
+        let heads_changed = true;
         let state = WriterState {
             device,
             namespace,
@@ -607,7 +582,7 @@ impl Store {
             heads: Default::default(),
             heads_changed: false,
         };
-        Txn::new(&*self.inner.backend, state, &*self.inner.env)
+        Txn::new(&*self.inner.backend, state, &*self.inner.env, None)
     }
 
     /// The node with this ino.
@@ -1266,14 +1241,18 @@ impl Store {
     /// With `sync`, the batch is durable when this returns. Nothing is written if `f` fails.
     pub fn commit<T>(&self, sync: bool, f: impl FnOnce(&mut Txn<'_>) -> Result<T>) -> Result<T> {
         let mut state = self.inner.writer.lock();
-        let mut tx = Txn::new(&*self.inner.backend, state.clone(), &*self.inner.env);
+        let mut tx = Txn::new(
+            &*self.inner.backend,
+            state.clone(),
+            &*self.inner.env,
+            self.inner.signer.as_deref(),
+        );
         let out = f(&mut tx)?;
         let (new_bytes, freed_bytes) = (tx.new_bytes, tx.freed_bytes);
         if new_bytes > 0 {
             self.check_space(new_bytes)?;
         }
-        let (batch, new_state, ops) =
-            tx.finish(self.inner.signer.as_deref(), &self.inner.namespace)?;
+        let (batch, new_state, ops) = tx.finish()?;
         let members_changed = batch
             .iter()
             .any(|(cf, k, _)| *cf == Cf::Meta && k.starts_with(key::META_MEMBER));
@@ -1288,7 +1267,7 @@ impl Store {
         if sync {
             self.inner.durable_seq.fetch_max(last_seq, Ordering::AcqRel);
         }
-        if !ops.is_empty() {
+        if ops > 0 {
             let hook = self.inner.on_commit.lock().clone();
             if let Some(hook) = hook {
                 hook();
@@ -1369,6 +1348,35 @@ fn clean_staged(backend: &dyn Backend) -> Result<()> {
         backend.write(batch, true)?;
     }
     Ok(())
+}
+
+/// Every writer whose ops this store holds, with its last op (sequence number and hash):
+/// `META_HEADS`, and the ops this device made since it was last opened (its counters).
+pub(crate) fn stored_heads(
+    view: &dyn ReadView,
+    device: DeviceId,
+) -> Result<std::collections::BTreeMap<Writer, (u64, auth::OpHash)>> {
+    let mut heads: std::collections::BTreeMap<Writer, (u64, auth::OpHash)> =
+        match view.get(Cf::Meta, key::META_HEADS)? {
+            Some(b) => records::decode("heads", &b)?,
+            None => Default::default(),
+        };
+    let last_seq = meta_u64(view, key::META_NEXT_SEQ)?.saturating_sub(1);
+    if last_seq > 0 {
+        let incarnation = meta_u64(view, key::META_INCARNATION)?;
+        let hash: auth::OpHash = view
+            .get(Cf::Meta, key::META_LAST_HASH)?
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| StoreError::corrupt("the last op's hash is missing"))?;
+        heads.insert(
+            Writer {
+                device,
+                incarnation,
+            },
+            (last_seq, hash),
+        );
+    }
+    Ok(heads)
 }
 
 /// A fresh incarnation number for this opening of a store.

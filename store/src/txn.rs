@@ -131,9 +131,12 @@ pub struct Txn<'a> {
     overlay: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     pub(crate) state: WriterState,
     env: &'a dyn Env,
+    /// Signs each op as it is recorded (`None`: a store opened without its key, which
+    /// records nothing: `finish` refuses a transaction that made ops).
+    signer: Option<&'a dyn Signer>,
     now: Timestamp,
-    /// The ops recorded, each with its hash (signed at `finish`).
-    ops: Vec<(OpRecord, OpHash)>,
+    /// How many ops this transaction recorded.
+    ops: usize,
     pub(crate) new_bytes: u64,
     pub(crate) freed_bytes: u64,
 }
@@ -142,20 +145,26 @@ impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Txn")
             .field("writes", &self.overlay.len())
-            .field("ops", &self.ops.len())
+            .field("ops", &self.ops)
             .finish()
     }
 }
 
 impl<'a> Txn<'a> {
-    pub(crate) fn new(view: &'a dyn ReadView, state: WriterState, env: &'a dyn Env) -> Txn<'a> {
+    pub(crate) fn new(
+        view: &'a dyn ReadView,
+        state: WriterState,
+        env: &'a dyn Env,
+        signer: Option<&'a dyn Signer>,
+    ) -> Txn<'a> {
         Txn {
             view,
             overlay: BTreeMap::new(),
             state,
             env,
+            signer,
             now: env.now(),
-            ops: Vec::new(),
+            ops: 0,
             new_bytes: 0,
             freed_bytes: 0,
         }
@@ -169,10 +178,8 @@ impl<'a> Txn<'a> {
     /// A fresh id for a new node or directory entry.
     pub(crate) fn new_id(&self) -> NodeId {
         loop {
-            let id = u128::from_le_bytes(self.env.unique());
-            // Small values are reserved for well-known nodes.
-            if id > 0xffff {
-                return NodeId(id);
+            if let Some(id) = NodeId::from_unique(self.env.unique()) {
+                return id;
             }
         }
     }
@@ -347,8 +354,14 @@ impl<'a> Txn<'a> {
         self.put(Cf::Moves, &key::mv(hlc, op, idx), records::encode(m));
     }
 
+    /// The clock of the next op this transaction records (`record` takes it; `touch_dir`
+    /// stamps a directory with it just before the op that changes the directory).
+    pub(crate) fn next_hlc(&self) -> Hlc {
+        self.state.hlc.tick(self.now.millis())
+    }
+
     /// Records an op made on this device now; returns its id. The op joins this writer's
-    /// hash chain now and is signed when the transaction commits.
+    /// hash chain and is signed at once (written when the transaction commits).
     pub(crate) fn record(&mut self, kind: OpKind) -> OpId {
         let id = OpId {
             device: self.state.device,
@@ -356,8 +369,8 @@ impl<'a> Txn<'a> {
             seq: self.state.next_seq,
         };
         self.state.next_seq += 1;
-        self.state.hlc = self.state.hlc.tick(self.now.millis());
-        let rec = OpRecord {
+        self.state.hlc = self.next_hlc();
+        let mut rec = OpRecord {
             id,
             hlc: self.state.hlc,
             prev: self.state.last_hash,
@@ -365,9 +378,12 @@ impl<'a> Txn<'a> {
             sig: Vec::new(),
         };
         let hash = auth::op_hash(&rec);
+        if let Some(signer) = self.signer {
+            rec.sig = signer.sign(&auth::sign_message(&self.state.namespace, &hash));
+        }
         self.state.last_hash = hash;
         self.put_op(&rec);
-        self.ops.push((rec, hash));
+        self.ops += 1;
         id
     }
 
@@ -689,43 +705,27 @@ impl<'a> Txn<'a> {
 
     /// The transaction's writes, with every op it recorded signed by `signer` (a store
     /// opened without a device key cannot record ops).
-    pub(crate) fn finish(
-        mut self,
-        signer: Option<&dyn Signer>,
-        namespace: &[u8; 16],
-    ) -> Result<(Vec<BatchOp>, WriterState, Vec<OpRecord>)> {
-        if !self.ops.is_empty() {
-            let signer = signer.ok_or_else(|| {
-                StoreError::Invalid("this store was opened without its device key".into())
-            })?;
-            let mut ops = std::mem::take(&mut self.ops);
-            for (op, hash) in &mut ops {
-                op.sig = signer.sign(&auth::sign_message(namespace, hash));
-                self.put(Cf::Oplog, &key::op_id(op.id), records::encode(op));
-            }
-            self.ops = ops;
+    pub(crate) fn finish(mut self) -> Result<(Vec<BatchOp>, WriterState, usize)> {
+        if self.ops > 0 && self.signer.is_none() {
+            return Err(StoreError::Invalid(
+                "this store was opened without its device key".into(),
+            ));
         }
-        let st = self.state.clone();
-        self.put(
-            Cf::Meta,
-            key::META_NEXT_INO,
-            st.next_ino.to_be_bytes().to_vec(),
-        );
-        self.put(
-            Cf::Meta,
-            key::META_NEXT_SEQ,
-            st.next_seq.to_be_bytes().to_vec(),
-        );
-        self.put(
-            Cf::Meta,
-            key::META_INCARNATION,
-            st.incarnation.to_be_bytes().to_vec(),
-        );
-        self.put(Cf::Meta, key::META_LAST_HASH, st.last_hash.to_vec());
-        self.put(Cf::Meta, key::META_HLC, st.hlc.0.to_be_bytes().to_vec());
-        self.put(Cf::Meta, key::META_STATS, records::encode(&st.stats));
-        if st.heads_changed {
-            self.put(Cf::Meta, key::META_HEADS, records::encode(&st.heads));
+        let st = &self.state;
+        let meta = [
+            (key::META_NEXT_INO, st.next_ino.to_be_bytes().to_vec()),
+            (key::META_NEXT_SEQ, st.next_seq.to_be_bytes().to_vec()),
+            (key::META_INCARNATION, st.incarnation.to_be_bytes().to_vec()),
+            (key::META_LAST_HASH, st.last_hash.to_vec()),
+            (key::META_HLC, st.hlc.0.to_be_bytes().to_vec()),
+            (key::META_STATS, records::encode(&st.stats)),
+        ];
+        let heads = st.heads_changed.then(|| records::encode(&st.heads));
+        for (k, v) in meta {
+            self.put(Cf::Meta, k, v);
+        }
+        if let Some(heads) = heads {
+            self.put(Cf::Meta, key::META_HEADS, heads);
         }
         let batch = self
             .overlay
@@ -734,8 +734,8 @@ impl<'a> Txn<'a> {
             .collect();
         let st = WriterState {
             heads_changed: false,
-            ..st
+            ..self.state
         };
-        Ok((batch, st, self.ops.into_iter().map(|(op, _)| op).collect()))
+        Ok((batch, st, self.ops))
     }
 }

@@ -50,15 +50,11 @@ impl NodeId {
     /// The root directory of every namespace.
     pub const ROOT: NodeId = NodeId(1);
 
-    /// A fresh random id.
-    pub fn random() -> NodeId {
-        loop {
-            let id = u128::from_le_bytes(random_bytes());
-            // Small values are reserved for well-known nodes.
-            if id > 0xffff {
-                return NodeId(id);
-            }
-        }
+    /// The id made of 16 unique bytes (`Env::unique`), unless it falls among the small
+    /// values reserved for well-known nodes.
+    pub fn from_unique(bytes: [u8; 16]) -> Option<NodeId> {
+        let id = u128::from_le_bytes(bytes);
+        (id > 0xffff).then_some(NodeId(id))
     }
 }
 
@@ -335,7 +331,7 @@ pub fn os_random<const N: usize>() -> crate::Result<[u8; N]> {
 
 /// Random bytes for ids that must be unique, not secret (node ids, incarnations): from the
 /// operating system, or, where it has no random source, a hash of time, pid and a counter.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     if getrandom::fill(&mut buf).is_err() {
         // No kernel entropy source at all: hash time, pid and a counter, unique per process.
@@ -389,6 +385,7 @@ mod tests {
 
     #[test]
     fn node_ids_differ() {
-        assert_ne!(NodeId::random(), NodeId::random());
+        assert_eq!(NodeId::from_unique([0xff; 16]), Some(NodeId(u128::MAX)));
+        assert_eq!(NodeId::from_unique([0; 16]), None);
     }
 }

@@ -67,11 +67,6 @@ impl MemBackend {
             }
         }
     }
-
-    /// Writes through the write-ahead log that are not yet durable.
-    pub(crate) fn unsynced(&self) -> usize {
-        self.durable.lock().pending.iter().filter(|p| !p.0).count()
-    }
 }
 
 struct MemSnapshot(Tables);
@@ -140,7 +135,7 @@ impl Backend for MemBackend {
     }
 
     fn unsynced_writes(&self) -> usize {
-        self.unsynced()
+        self.durable.lock().pending.iter().filter(|p| !p.0).count()
     }
 
     fn write(&self, batch: Vec<BatchOp>, sync: bool) -> Result<()> {

@@ -65,7 +65,8 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 impl Endpoint {
     /// Binds a UDP socket at `bind` (port 0: any) and serves and dials as `cert`, accepting
-    /// only `members`. Must be called inside a tokio runtime.
+    /// only `members`. Must be called inside a tokio runtime. Its handshake task holds the
+    /// socket until `close` (or the runtime ends): dropping an `Endpoint` does not free it.
     pub fn bind(
         bind: SocketAddr,
         cert: &DeviceCert,

@@ -18,7 +18,9 @@
 //! - Concurrent content edits: the later edit (clock, then device) is the file's content. The
 //!   device whose own edit lost keeps it as a conflict copy, with ordinary ops of its own, so
 //!   the copy reaches every device. The same device restores its edit as a copy when a delete
-//!   that had not seen the edit removes the file.
+//!   that had not seen the edit removes the file (decided when the delete, or the file's
+//!   version, is new here), and so does a store restored from a backup for the edits of its
+//!   earlier incarnations that come back from peers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -180,6 +182,8 @@ struct Cx {
     /// one (the store was restored from a backup): the latest per file, kept as a conflict
     /// copy at the end.
     lost_own: BTreeMap<NodeId, OpRecord>,
+    /// Files whose content version a remote op changed in this batch.
+    versioned: HashSet<NodeId>,
 }
 
 impl Cx {
@@ -1475,10 +1479,22 @@ impl Txn<'_> {
             if !dead {
                 continue;
             }
-            if let Some((seen, loc)) = cx.removed.get(&node).cloned() {
-                let mine = n.version.is_some_and(|v| v.device == self.state.device);
-                if mine && seen != n.version && n.kind == FileKind::File {
-                    self.conflict_copy(ino, &loc, cx)?;
+            // An edit of this device that the delete had not seen is kept as a copy. Decided
+            // when the delete is new here, or the version is (a late op revived the file, an
+            // edit arrived, and redone moves took it out again).
+            let mine = n.version.filter(|v| v.device == self.state.device);
+            if let (Some(v), FileKind::File) = (mine, n.kind) {
+                let removal = match cx.removed.get(&node) {
+                    Some(r) => Some(r.clone()),
+                    None if cx.versioned.contains(&node) => self
+                        .last_removal(node)?
+                        .and_then(|m| Some((m.seen, m.from?))),
+                    None => None,
+                };
+                if let Some((seen, loc)) = removal {
+                    if !self.descends(seen, v)? {
+                        self.conflict_copy(ino, &loc, cx)?;
+                    }
                 }
             }
             if n.kind == FileKind::Dir {
@@ -1730,6 +1746,7 @@ impl Txn<'_> {
                 map.insert(off, (e.chunk, e.len));
             }
             apply_delta(&mut map, *start, *end, extents, *size);
+            cx.versioned.insert(node);
             return self.install(ino, map, *size, op, *mtime);
         }
         // A concurrent edit: the later one is the content.
@@ -1759,6 +1776,7 @@ impl Txn<'_> {
             self.conflict_copy(ino, &loc, cx)?;
         }
         let (map, size) = self.materialize(node, Some(op.id))?;
+        cx.versioned.insert(node);
         self.install(ino, map, size, op, *mtime)
     }
 

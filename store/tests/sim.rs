@@ -708,7 +708,9 @@ impl Sim {
             for a in 0..=BYZ {
                 for b in 0..=BYZ {
                     if a != b {
-                        moved += sync(&self.devs[a].store, &self.devs[b].store, usize::MAX);
+                        let n = sync(&self.devs[a].store, &self.devs[b].store, usize::MAX);
+                        self.log(|| format!("quiesce: dev{b} <- dev{a}: {n} ops applied"));
+                        moved += n;
                     }
                 }
             }
@@ -745,11 +747,6 @@ fn run_seed(seed: u64) -> Result<u64, String> {
     Ok(sim.steps)
 }
 
-/// Seeds that still lose a version, an open bug: a device restored from a backup whose lost
-/// edit of a file comes back after several devices, itself included, deleted or edited the
-/// file concurrently. Each must fail exactly so; one that passes must leave this list.
-const KNOWN_LOST_VERSION: &[u64] = &[757, 1928, 2073, 3482, 3748, 4418];
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -769,20 +766,9 @@ fn sim_seeds() {
             let (seeds, failures, steps) = (&seeds, &failures, &steps);
             scope.spawn(move || {
                 for &seed in seeds.iter().skip(t).step_by(threads) {
-                    let known = KNOWN_LOST_VERSION.contains(&seed);
                     match std::panic::catch_unwind(|| run_seed(seed)) {
-                        Ok(Ok(n)) if known => {
-                            steps.fetch_add(n, Ordering::Relaxed);
-                            failures.lock().push((
-                                seed,
-                                "passes now: take it off KNOWN_LOST_VERSION".to_string(),
-                            ));
-                        }
                         Ok(Ok(n)) => {
                             steps.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Ok(Err(e)) if known && e.contains("was lost") => {
-                            eprintln!("seed {seed}: known bug: {e}");
                         }
                         Ok(Err(e)) => failures.lock().push((seed, e)),
                         Err(p) => {
@@ -924,6 +910,36 @@ fn edit_lost_by_a_restore_survives_the_restored_device_deleting_it() {
     sync(&a, &b, usize::MAX);
     let backup = a.restored_copy().unwrap().unwrap();
     write(&a, n, b" and more", true);
+    sync(&a, &b, usize::MAX);
+    let a = backup;
+    a.commit(false, |tx| {
+        tx.unlink(ROOT_INO, b"a", &|_| false).map(|_| ())
+    })
+    .unwrap();
+    sync_both_ways(&a, &b);
+    check_converged(&[&a, &b], &|_| true).unwrap();
+}
+
+/// The shape of seed 757: a device restored from a backup deletes a file whose edit its
+/// earlier self made after the backup, while two other devices, which never saw that edit,
+/// delete it too (one after an edit of its own).
+#[test]
+fn edit_lost_by_a_restore_survives_deletes_on_three_devices() {
+    use pvfs_store::ROOT_INO;
+    let (a, b) = two_devices();
+    let n = new_file(&a, b"a");
+    write(&a, n, b"first", false);
+    sync(&a, &b, usize::MAX);
+    let backup = a.restored_copy().unwrap().unwrap();
+    write(&a, n, b" and more", true);
+    // B edits and deletes the file without having seen A's second edit.
+    let bn = b.lookup(ROOT_INO, b"a").unwrap().unwrap().ino;
+    write(&b, bn, b"b's", true);
+    b.commit(false, |tx| {
+        tx.unlink(ROOT_INO, b"a", &|_| false).map(|_| ())
+    })
+    .unwrap();
+    // A's second edit reaches B only now.
     sync(&a, &b, usize::MAX);
     let a = backup;
     a.commit(false, |tx| {

@@ -30,15 +30,17 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     first: Vec<Pushed>,
+    budget: wire::Budget,
 ) -> Result<()> {
     let mut next = Some(first);
     loop {
-        let chunks = match next.take() {
-            Some(c) => c,
-            None => match wire::read_message(&mut recv).await? {
-                Some(Message::Keep(c)) => c,
+        // Each part holds its share of the peer's frame budget until it is stored.
+        let (chunks, _frame) = match next.take() {
+            Some(c) => (c, None),
+            None => match wire::read_message_within(&mut recv, &budget).await? {
+                Some((Message::Keep(c), permit)) => (c, Some(permit)),
                 None => break,
-                Some(other) => {
+                Some((other, _)) => {
                     return Err(NetError::Malformed(format!(
                         "unexpected message on a keep stream: {other:?}"
                     )))

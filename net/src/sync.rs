@@ -35,6 +35,8 @@ const BATCH_OPS: usize = 512;
 const BATCH_BYTES: usize = 1 << 20;
 /// How often devices heard of but not connected are dialled again.
 const REDIAL: Duration = Duration::from_secs(2);
+/// Connections one device may hold to this one at once (two: both dialled at once).
+pub const MAX_CONNECTIONS_PER_DEVICE: usize = 2;
 /// Longest wait between two attempts to reach a peer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an online-only device looks for content still on its disk to hand off.
@@ -150,6 +152,10 @@ struct Session {
     holdings: Mutex<Option<Holdings>>,
     /// The op exchange.
     sync: Mutex<SyncState>,
+    /// Frame memory of the streams this device opened (`wire::PEER_FRAME_BUDGET`).
+    budget: wire::Budget,
+    /// True once it has opened its sync stream (one per connection).
+    sync_opened: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -732,12 +738,24 @@ impl Shared {
             served: Arc::default(),
             holdings: Mutex::new(None),
             sync: Mutex::default(),
+            budget: wire::Budget::default(),
+            sync_opened: Default::default(),
         });
         session.touch();
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(key, session.clone());
+        {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let open = sessions
+                .values()
+                .filter(|s| s.device == peer.device)
+                .count();
+            if open >= MAX_CONNECTIONS_PER_DEVICE {
+                drop(sessions);
+                tracing::warn!(device = %peer.device.fmt_short(), "refused a connection: too many from this device");
+                peer.conn.close(4u32.into(), b"too many connections");
+                return;
+            }
+            sessions.insert(key, session.clone());
+        }
         tracing::info!(device = %peer.device.fmt_short(), addr = %peer.conn.remote_address(), dialer, "connected");
         self.remember(peer.device, peer.conn.remote_address());
         let res = self
@@ -756,6 +774,9 @@ impl Shared {
 
     async fn serve(self: Arc<Self>, peer: Peer, session: Arc<Session>, dialer: bool) -> Result<()> {
         if dialer {
+            session
+                .sync_opened
+                .store(true, std::sync::atomic::Ordering::Release);
             let (send, recv) = peer
                 .conn
                 .open_bi()
@@ -781,8 +802,17 @@ impl Shared {
             let me = self.clone();
             let (p, s) = (peer.clone(), session.clone());
             tokio::spawn(async move {
-                let first = wire::read_message(&mut recv).await;
+                // The first frame's memory is the peer's budget's until it is decoded.
+                let first = wire::read_message_within(&mut recv, &s.budget)
+                    .await
+                    .map(|m| m.map(|(m, _)| m));
                 let res = match first {
+                    Ok(Some(Message::Hello(_)))
+                        if s.sync_opened
+                            .swap(true, std::sync::atomic::Ordering::AcqRel) =>
+                    {
+                        Err(NetError::Malformed("a second sync stream".into()))
+                    }
                     Ok(Some(Message::Hello(h))) => me.sync(p.clone(), s, send, recv, Some(h)).await,
                     Ok(Some(Message::Want(ids))) => {
                         chunks::serve(me.store.clone(), s.served.clone(), send, recv, ids).await
@@ -790,7 +820,9 @@ impl Shared {
                     Ok(Some(Message::Has(ids))) => me.serve_has(send, ids).await,
                     Ok(Some(Message::Keep(chunks))) => {
                         let held = me.held.clone();
-                        keep::serve(me.store.clone(), held, p.device, send, recv, chunks).await
+                        let budget = s.budget.clone();
+                        keep::serve(me.store.clone(), held, p.device, send, recv, chunks, budget)
+                            .await
                     }
                     Ok(Some(other)) => Err(NetError::Malformed(format!(
                         "a stream cannot start with {other:?}"
@@ -983,7 +1015,8 @@ impl Shared {
         mut recv: quinn::RecvStream,
     ) -> Result<()> {
         loop {
-            let msg = match wire::read_message(&mut recv).await? {
+            // The batch holds its share of the peer's budget until it is applied.
+            let (msg, _frame) = match wire::read_message_within(&mut recv, &session.budget).await? {
                 Some(m) => m,
                 None => return Ok(()),
             };

@@ -26,6 +26,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent bidirectional streams a peer may open.
 const MAX_STREAMS: u32 = 256;
+/// Bytes a peer may have in flight to this device on one connection, all streams together
+/// (quinn's default is unbounded, each stream having its own 1.25 MB window).
+pub const CONN_RECEIVE_WINDOW: u32 = 16 << 20;
 /// Incoming handshakes under way at once at most; more are refused at once.
 pub const MAX_HANDSHAKES: usize = 256;
 /// An incoming handshake not done by then is dropped.
@@ -59,6 +62,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
             .expect("the idle timeout fits QUIC's varint"),
     ));
     t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    t.receive_window(CONN_RECEIVE_WINDOW.into());
     t.max_concurrent_uni_streams(0u32.into());
     Arc::new(t)
 }

@@ -249,6 +249,45 @@ pub fn decode_frame(body: Bytes) -> Result<Message> {
 
 /// Reads the next message; `None` when the stream ends cleanly between frames.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
+    read_frame(r, None).await.map(|m| m.map(|(m, _)| m))
+}
+
+/// Bytes of frames from one peer being read and decoded at once (`read_message_within`):
+/// with the connection's receive window, what bounds the memory a peer can make this device
+/// hold, however many streams it opens.
+pub const PEER_FRAME_BUDGET: usize = 32 << 20;
+
+/// A peer's share of frame memory (`PEER_FRAME_BUDGET`), counted in KiB.
+#[derive(Clone, Debug)]
+pub struct Budget(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            PEER_FRAME_BUDGET >> 10,
+        )))
+    }
+}
+
+/// The part of a `Budget` one frame holds, given back when dropped.
+pub type BudgetPermit = tokio::sync::OwnedSemaphorePermit;
+
+/// `read_message`, with the frame's bytes taken from `budget` before its body is read: a
+/// frame waits (and so does its sender, by flow control) while the peer's other frames hold
+/// the budget. The permit covers the decoded message until the caller drops it.
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    budget: &Budget,
+) -> Result<Option<(Message, BudgetPermit)>> {
+    read_frame(r, Some(budget))
+        .await
+        .map(|m| m.and_then(|(m, p)| Some((m, p?))))
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    budget: Option<&Budget>,
+) -> Result<Option<(Message, Option<BudgetPermit>)>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < len.len() {
@@ -265,6 +304,15 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Mess
             max: MAX_FRAME as u64,
         });
     }
+    let permit = match budget {
+        Some(b) => Some(
+            b.0.clone()
+                .acquire_many_owned(len.div_ceil(1024).max(1) as u32)
+                .await
+                .map_err(|_| NetError::Connect("the connection is closing".into()))?,
+        ),
+        None => None,
+    };
     // Filled as it arrives rather than zeroed first: a chunk frame is up to 256 KiB.
     let mut body = BytesMut::with_capacity(len);
     while body.len() < len {
@@ -273,7 +321,7 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Mess
             return Err(NetError::Truncated);
         }
     }
-    decode_frame(body.freeze()).map(Some)
+    decode_frame(body.freeze()).map(|m| Some((m, permit)))
 }
 
 /// The frame of a `Chunk` up to its data: length prefix, tag, id, data length.

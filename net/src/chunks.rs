@@ -12,7 +12,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use pvfs_store::{ChunkId, Store};
@@ -153,7 +155,7 @@ struct Request {
 
 /// Asks one peer for chunks on one pipelined stream (opened again when it fails).
 pub(crate) struct Requester {
-    queue: mpsc::UnboundedSender<Request>,
+    queue: mpsc::Sender<Request>,
     load: Arc<AtomicUsize>,
 }
 
@@ -166,10 +168,13 @@ impl Drop for Outstanding {
     }
 }
 
+/// Chunk requests queued for one peer's asking task; more wait to be queued.
+const QUEUED_REQUESTS: usize = 1024;
+
 impl Requester {
     /// Starts the asking end for `conn`; it ends when the `Requester` is dropped.
     pub(crate) fn new(conn: quinn::Connection) -> Requester {
-        let (queue, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(QUEUED_REQUESTS);
         tokio::spawn(run(conn, rx));
         Requester {
             queue,
@@ -189,14 +194,17 @@ impl Requester {
         let _outstanding = Outstanding(self.load.clone());
         let (reply, answer) = oneshot::channel();
         let gone = || NetError::Connect("the session ended".into());
-        self.queue.send(Request { id, reply }).map_err(|_| gone())?;
+        self.queue
+            .send(Request { id, reply })
+            .await
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }
 
 /// The asking end's task: opens a stream when there is something to ask, sends requests in
 /// batches as they come, and hands out the answers in order.
-async fn run(conn: quinn::Connection, mut queue: mpsc::UnboundedReceiver<Request>) {
+async fn run(conn: quinn::Connection, mut queue: mpsc::Receiver<Request>) {
     while let Some(first) = queue.recv().await {
         let (send, recv) = match conn.open_bi().await {
             Ok(s) => s,
@@ -216,7 +224,7 @@ async fn run(conn: quinn::Connection, mut queue: mpsc::UnboundedReceiver<Request
             Err(e) => e.to_string(),
         };
         tracing::debug!(peer = %conn.remote_address(), "chunk stream: {why}");
-        for r in pending.asked.lock().expect("pending lock").drain(..) {
+        for r in pending.asked.lock().drain(..) {
             let _ = r.reply.send(Err(NetError::Connect(why.clone())));
         }
     }
@@ -232,7 +240,7 @@ struct Pending {
 
 impl Pending {
     fn len(&self) -> usize {
-        self.asked.lock().expect("pending lock").len()
+        self.asked.lock().len()
     }
 }
 
@@ -244,7 +252,7 @@ impl Pending {
 /// cost both sides a packet and a round of task wakeups per chunk.
 async fn ask(
     first: Request,
-    queue: &mut mpsc::UnboundedReceiver<Request>,
+    queue: &mut mpsc::Receiver<Request>,
     mut send: quinn::SendStream,
     pending: &Pending,
 ) -> Result<()> {
@@ -277,7 +285,7 @@ async fn ask(
             }
         }
         let ids = batch.iter().map(|r| r.id).collect();
-        pending.asked.lock().expect("pending lock").extend(batch);
+        pending.asked.lock().extend(batch);
         wire::write_message(&mut send, &Message::Want(ids)).await?;
         if !open {
             return Ok(());
@@ -291,7 +299,6 @@ async fn take_answers(mut recv: quinn::RecvStream, pending: &Pending) -> Result<
         let r = pending
             .asked
             .lock()
-            .expect("pending lock")
             .pop_front()
             .ok_or_else(|| NetError::Malformed("an answer to nothing asked".into()))?;
         pending.answered.notify_one();

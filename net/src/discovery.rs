@@ -56,8 +56,9 @@ impl Discovery {
             .enable_addr_auto();
         daemon.register(info).map_err(err)?;
         let events = daemon.browse(SERVICE).map_err(err)?;
-        let net = net.clone();
-        tokio::spawn(async move {
+        let me = net.clone();
+        net.spawn_loop(async move {
+            let net = me;
             while let Ok(ev) = events.recv_async().await {
                 let ServiceEvent::ServiceResolved(info) = ev else {
                     continue;

@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pvfs_store::{DeviceId, Store};
@@ -152,7 +154,7 @@ impl Inviter {
     async fn close_if_idle(&self) {
         let mut ep = self.endpoint.lock().await;
         let outstanding = {
-            let mut open = self.open.lock().expect("invites lock");
+            let mut open = self.open.lock();
             prune_expired(&mut open);
             !open.is_empty()
         };
@@ -186,7 +188,7 @@ impl Inviter {
                 *ep = Some(e);
             }
             let port = ep.as_ref().expect("set above").local_addr()?.port();
-            let mut open = self.open.lock().expect("invites lock");
+            let mut open = self.open.lock();
             prune_expired(&mut open);
             open.insert(secret, expires);
             port
@@ -247,7 +249,7 @@ impl Inviter {
             return Err(NetError::Malformed("expected Join".into()));
         };
         let valid = {
-            let mut open = self.open.lock().expect("invites lock");
+            let mut open = self.open.lock();
             // One use only, whatever the outcome.
             open.remove(&secret).is_some_and(|exp| exp > unix_now())
         };

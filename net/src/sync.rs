@@ -13,8 +13,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use bytes::Bytes;
 use pvfs_store::{Applied, ChunkId, ChunkSource, DeviceId, Ino, Store, StoreError, VersionVector};
@@ -160,7 +164,7 @@ struct Session {
 
 impl Session {
     fn busy(&self, starting: bool) {
-        let mut b = self.busy.lock().expect("busy lock");
+        let mut b = self.busy.lock();
         if starting {
             if b.0 == 0 {
                 b.1 = Some(Instant::now());
@@ -177,7 +181,7 @@ impl Session {
     }
 
     fn throughput_mbs(&self) -> f64 {
-        let b = self.busy.lock().expect("busy lock");
+        let b = self.busy.lock();
         let busy = b.2 + b.1.map_or(Duration::ZERO, |s| s.elapsed());
         let secs = busy.as_secs_f64();
         if secs > 0.0 {
@@ -218,8 +222,9 @@ const LANDED_MAX: u64 = 256 << 20;
 /// (`Store::persist_landed`), one batch at a time.
 async fn stash(
     store: Store,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Stashed>,
+    mut rx: tokio::sync::mpsc::Receiver<Stashed>,
     held: broadcast::Sender<Arc<Vec<ChunkId>>>,
+    cancel: CancellationToken,
 ) {
     let persist = |store: &Store| {
         let store = store.clone();
@@ -233,6 +238,8 @@ async fn stash(
                 Some(m) => Some(m),
                 None => break,
             },
+            // Shutting down: what is landed goes to disk below, then the task ends.
+            _ = cancel.cancelled() => break,
             r = async { persisting.as_mut().expect("guarded").await }, if persisting.is_some() => {
                 persisting = None;
                 match r {
@@ -288,6 +295,15 @@ async fn stash(
     }
 }
 
+/// A session's place in `Shared::sessions`, given up when dropped.
+struct Registered<'a>(&'a Mutex<HashMap<usize, Arc<Session>>>, usize);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
 struct Shared {
     store: Store,
     endpoint: Endpoint,
@@ -299,12 +315,18 @@ struct Shared {
     hooks: Hooks,
     opts: NetOptions,
     runtime: tokio::runtime::Handle,
-    stash: tokio::sync::mpsc::UnboundedSender<Stashed>,
+    stash: tokio::sync::mpsc::Sender<Stashed>,
     /// Chunks fetched and stored here, for the peers' holdings filters.
     held: broadcast::Sender<Arc<Vec<ChunkId>>>,
     /// Devices heard of (mDNS) and where: redialled while not connected.
     known: Mutex<HashMap<DeviceId, Vec<SocketAddr>>>,
     dialing: Mutex<std::collections::HashSet<DeviceId>>,
+    /// Every task of the network, so that shutdown can wait for them (`Net::closed`).
+    tasks: TaskTracker,
+    /// Cancelled first at shutdown: the loops (accepting, redialling, hand-off, discovery,
+    /// the stash) stop, then the endpoint closes every connection and the tasks of the
+    /// sessions end with them.
+    cancel: CancellationToken,
 }
 
 /// The network side of a daemon. Cheap to clone.
@@ -360,9 +382,11 @@ impl Net {
         let opts_book = opts.address_book.clone();
         let endpoint = Endpoint::bind(opts.listen, cert, members)?;
         let (changed, _) = watch::channel(0u64);
-        let (stash_tx, stash_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stash_tx, stash_rx) = tokio::sync::mpsc::channel(2 * STASH_BATCH);
         let (held, _) = broadcast::channel(HELD_QUEUE);
-        tokio::spawn(stash(store.clone(), stash_rx, held.clone()));
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        tasks.spawn(stash(store.clone(), stash_rx, held.clone(), cancel.clone()));
         let shared = Arc::new(Shared {
             device: store.device(),
             namespace_hash: namespace_hash(&store.namespace()),
@@ -378,6 +402,8 @@ impl Net {
             held,
             known: Mutex::new(load_address_book(opts_book.as_deref())),
             dialing: Mutex::new(Default::default()),
+            tasks,
+            cancel,
         });
         {
             let tx = shared.changed.clone();
@@ -387,35 +413,30 @@ impl Net {
         }
         let net = Net { shared };
         let keeper = net.clone();
-        tokio::spawn(async move {
+        net.spawn_loop(async move {
             loop {
                 tokio::time::sleep(REDIAL).await;
-                let known: Vec<DeviceId> = keeper
-                    .shared
-                    .known
-                    .lock()
-                    .expect("known lock")
-                    .keys()
-                    .copied()
-                    .collect();
+                let known: Vec<DeviceId> = keeper.shared.known.lock().keys().copied().collect();
                 // Devices that are not (or no longer) members are forgotten, not dialled.
                 for (d, member) in keeper.shared.membership(known).await {
                     match member {
                         Some(true) => keeper.dial_known(d),
                         Some(false) => {
-                            keeper.shared.known.lock().expect("known lock").remove(&d);
+                            keeper.shared.known.lock().remove(&d);
                         }
                         None => {}
                     }
                 }
             }
         });
-        tokio::spawn(hand_off(net.shared.clone()));
+        net.spawn_loop(hand_off(net.shared.clone()));
         let acceptor = net.clone();
-        tokio::spawn(async move {
+        net.spawn_loop(async move {
             while let Some(peer) = acceptor.shared.endpoint.accept().await {
                 let s = acceptor.shared.clone();
-                tokio::spawn(async move { s.run(peer, false).await });
+                acceptor
+                    .shared
+                    .spawn(async move { s.run(peer, false).await });
             }
         });
         Ok(net)
@@ -436,7 +457,6 @@ impl Net {
         self.shared
             .sessions
             .lock()
-            .expect("sessions lock")
             .values()
             .any(|s| s.device == device)
     }
@@ -454,39 +474,27 @@ impl Net {
             return;
         }
         let addrs = addrs.into_iter().take(8).collect();
-        self.shared
-            .known
-            .lock()
-            .expect("known lock")
-            .insert(device, addrs);
+        self.shared.known.lock().insert(device, addrs);
         self.dial_known(device);
     }
 
     fn dial_known(&self, device: DeviceId) {
-        if self.is_connected(device)
-            || !self
-                .shared
-                .dialing
-                .lock()
-                .expect("dialing lock")
-                .insert(device)
-        {
+        if self.is_connected(device) || !self.shared.dialing.lock().insert(device) {
             return;
         }
         let addrs = self
             .shared
             .known
             .lock()
-            .expect("known lock")
             .get(&device)
             .cloned()
             .unwrap_or_default();
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        self.shared.spawn(async move {
             for a in addrs {
                 match shared.endpoint.connect(a).await {
                     Ok(peer) if peer.device == device => {
-                        shared.dialing.lock().expect("dialing lock").remove(&device);
+                        shared.dialing.lock().remove(&device);
                         shared.clone().run(peer, true).await;
                         return;
                     }
@@ -494,7 +502,7 @@ impl Net {
                     Err(e) => tracing::debug!(%a, "dialling a discovered device: {e}"),
                 }
             }
-            shared.dialing.lock().expect("dialing lock").remove(&device);
+            shared.dialing.lock().remove(&device);
         });
     }
 
@@ -507,7 +515,7 @@ impl Net {
     /// whenever the connection fails or ends.
     pub fn add_peer(&self, addr: String) {
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        self.spawn_loop(async move {
             let mut backoff = Duration::from_millis(250);
             loop {
                 match tokio::net::lookup_host(addr.as_str()).await {
@@ -534,19 +542,20 @@ impl Net {
     pub async fn connect_once(&self, addr: SocketAddr) -> Result<()> {
         let peer = self.shared.endpoint.connect(addr).await?;
         let shared = self.shared.clone();
-        tokio::spawn(async move { shared.run(peer, true).await });
+        self.shared
+            .spawn(async move { shared.run(peer, true).await });
         Ok(())
     }
 
     /// The devices connected now.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        let sessions = self.shared.sessions.lock().expect("sessions lock");
+        let sessions = self.shared.sessions.lock();
         sessions
             .values()
             .map(|s| {
                 let stats = s.conn.stats();
                 let (sync, behind_ops, last_error) = {
-                    let st = s.sync.lock().expect("sync lock");
+                    let st = s.sync.lock();
                     let state = match (&st.peer_had, st.behind) {
                         (None, _) => "starting",
                         (Some(_), 0) => "in sync",
@@ -564,12 +573,7 @@ impl Net {
                     bytes_sent: stats.udp_tx.bytes,
                     bytes_received: stats.udp_rx.bytes,
                     last_seen: s.last_seen.load(Ordering::Relaxed),
-                    holds_chunks: s
-                        .holdings
-                        .lock()
-                        .expect("holdings lock")
-                        .as_ref()
-                        .map(Holdings::count),
+                    holds_chunks: s.holdings.lock().as_ref().map(Holdings::count),
                     served_bytes: s.served.bytes.load(Ordering::Relaxed),
                     not_held: s.served.missing.load(Ordering::Relaxed),
                     sync,
@@ -610,16 +614,40 @@ impl Net {
 
     /// Closes the connections of `device` (after it was removed from the namespace).
     pub fn disconnect(&self, device: DeviceId) {
-        for s in self.shared.sessions.lock().expect("sessions lock").values() {
+        for s in self.shared.sessions.lock().values() {
             if s.device == device {
                 s.conn.close(3u32.into(), b"removed from the namespace");
             }
         }
     }
 
-    /// Closes every connection.
+    /// Shuts the network down, in order: the loops stop (no new connections are accepted
+    /// or dialled), then every connection closes, which ends the sessions' tasks.
+    /// `closed` waits for them.
     pub fn close(&self) {
+        self.shared.cancel.cancel();
         self.shared.endpoint.close();
+        self.shared.tasks.close();
+    }
+
+    /// Waits until every task of the network has ended (after `close`), chunks fetched but
+    /// not yet on disk written out.
+    pub async fn closed(&self) {
+        self.shared.tasks.wait().await;
+    }
+
+    /// Runs `fut` as one of the network's loops: until it ends or the network closes.
+    pub(crate) fn spawn_loop<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.shared.cancel.clone();
+        self.shared.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = fut => {}
+            }
+        });
     }
 
     /// Fetches chunk `id` from a connected device and stores it here.
@@ -631,7 +659,7 @@ impl Net {
 impl ChunkSource for Net {
     fn fetch(&self, id: ChunkId, len: u32, ino: Ino, done: Waiter) {
         {
-            let mut inflight = self.shared.inflight.lock().expect("inflight lock");
+            let mut inflight = self.shared.inflight.lock();
             if let Some(waiters) = inflight.get_mut(&id) {
                 waiters.push(done);
                 return;
@@ -639,17 +667,12 @@ impl ChunkSource for Net {
             inflight.insert(id, vec![done]);
         }
         let shared = self.shared.clone();
-        self.shared.runtime.spawn(async move {
+        self.shared.spawn(async move {
             let res = shared.fetch(id, len).await;
             if let Err(e) = &res {
                 tracing::warn!(ino, chunk = %id.fmt_short(), "fetching content: {e}");
             }
-            let waiters = shared
-                .inflight
-                .lock()
-                .expect("inflight lock")
-                .remove(&id)
-                .unwrap_or_default();
+            let waiters = shared.inflight.lock().remove(&id).unwrap_or_default();
             for w in waiters {
                 w(res
                     .as_ref()
@@ -661,7 +684,7 @@ impl ChunkSource for Net {
 
     fn keep_elsewhere(&self, chunks: Vec<(ChunkId, Bytes, u32)>, done: Waiter) {
         let shared = self.shared.clone();
-        self.shared.runtime.spawn(async move {
+        self.shared.spawn(async move {
             let res = shared.keep_elsewhere(&chunks).await;
             done(res.map_err(|e| StoreError::Invalid(e.to_string())));
         });
@@ -669,14 +692,17 @@ impl ChunkSource for Net {
 }
 
 impl Shared {
+    /// Runs `fut` on the network's runtime as one of its tasks (`Net::closed` waits for it).
+    fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn_on(fut, &self.runtime)
+    }
+
     /// The open sessions, now.
     fn sessions(&self) -> Vec<Arc<Session>> {
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .values()
-            .cloned()
-            .collect()
+        self.sessions.lock().values().cloned().collect()
     }
 
     fn hello(&self, have: VersionVector) -> Message {
@@ -699,7 +725,7 @@ impl Shared {
     /// connection's address is where the device listens) and saves the address book.
     fn remember(&self, device: DeviceId, addr: SocketAddr) {
         let snapshot = {
-            let mut known = self.known.lock().expect("known lock");
+            let mut known = self.known.lock();
             let addrs = known.entry(device).or_default();
             if addrs.first() == Some(&addr) {
                 return;
@@ -743,7 +769,7 @@ impl Shared {
         });
         session.touch();
         {
-            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let mut sessions = self.sessions.lock();
             let open = sessions
                 .values()
                 .filter(|s| s.device == peer.device)
@@ -756,13 +782,15 @@ impl Shared {
             }
             sessions.insert(key, session.clone());
         }
+        // The session leaves the table however this ends: returned, or dropped by a loop
+        // that shutdown cancelled (its connection then closes with the endpoint).
+        let _registered = Registered(&self.sessions, key);
         tracing::info!(device = %peer.device.fmt_short(), addr = %peer.conn.remote_address(), dialer, "connected");
         self.remember(peer.device, peer.conn.remote_address());
         let res = self
             .clone()
             .serve(peer.clone(), session.clone(), dialer)
             .await;
-        self.sessions.lock().expect("sessions lock").remove(&key);
         match res {
             Ok(()) => tracing::info!(device = %peer.device.fmt_short(), "disconnected"),
             Err(e) => {
@@ -784,7 +812,7 @@ impl Shared {
                 .map_err(|e| NetError::Connect(e.to_string()))?;
             let me = self.clone();
             let (p, s) = (peer.clone(), session.clone());
-            tokio::spawn(async move {
+            self.spawn(async move {
                 if let Err(e) = me.sync(p.clone(), s, send, recv, None).await {
                     tracing::warn!(device = %p.device.fmt_short(), "sync: {e}");
                     p.conn.close(2u32.into(), b"sync error");
@@ -801,7 +829,7 @@ impl Shared {
             session.touch();
             let me = self.clone();
             let (p, s) = (peer.clone(), session.clone());
-            tokio::spawn(async move {
+            self.spawn(async move {
                 // The first frame's memory is the peer's budget's until it is decoded.
                 let first = wire::read_message_within(&mut recv, &s.budget)
                     .await
@@ -879,11 +907,11 @@ impl Shared {
         let peer_have: VersionVector = hello.have.into_iter().collect();
         {
             let behind = lacking(&peer_have, &have);
-            let mut st = session.sync.lock().expect("sync lock");
+            let mut st = session.sync.lock();
             st.peer_had = Some(peer_have.clone());
             st.behind = behind;
         }
-        let sender = tokio::spawn(self.clone().push(send, peer_have));
+        let sender = self.spawn(self.clone().push(send, peer_have));
         let res = self.receive(&peer, &session, recv).await;
         sender.abort();
         res
@@ -1025,11 +1053,11 @@ impl Shared {
                 Message::Ops { keys, ops } => (keys, ops),
                 Message::Holds(h) => {
                     tracing::debug!(device = %peer.device.fmt_short(), chunks = h.count(), "holdings");
-                    *session.holdings.lock().expect("holdings lock") = Some(h);
+                    *session.holdings.lock() = Some(h);
                     continue;
                 }
                 Message::Held(ids) => {
-                    if let Some(h) = session.holdings.lock().expect("holdings lock").as_mut() {
+                    if let Some(h) = session.holdings.lock().as_mut() {
                         for id in &ids {
                             h.insert(id);
                         }
@@ -1078,7 +1106,7 @@ impl Shared {
         applied: &Applied,
         have: &VersionVector,
     ) {
-        let mut st = session.sync.lock().expect("sync lock");
+        let mut st = session.sync.lock();
         if let Some(had) = &st.peer_had {
             st.behind = lacking(had, have);
         }
@@ -1193,7 +1221,7 @@ impl Shared {
         let mut last = String::from("no device holding it is reachable");
         loop {
             let next = {
-                let sessions = self.sessions.lock().expect("sessions lock");
+                let sessions = self.sessions.lock();
                 // Devices that announced they may hold it first, then the least loaded,
                 // then the nearest: a large file's chunks spread over every device that
                 // holds them. A "no" may be stale, so those devices are asked last.
@@ -1202,12 +1230,7 @@ impl Shared {
                     .filter(|(k, _)| !tried.contains(k))
                     .map(|(k, s)| (*k, s.clone()))
                     .min_by_key(|(_, s)| {
-                        let lacks = s
-                            .holdings
-                            .lock()
-                            .expect("holdings lock")
-                            .as_ref()
-                            .is_some_and(|h| !h.may_hold(&id));
+                        let lacks = s.holdings.lock().as_ref().is_some_and(|h| !h.may_hold(&id));
                         (lacks, s.requester.load(), s.conn.rtt())
                     })
             };
@@ -1221,7 +1244,7 @@ impl Shared {
                 }
                 // Wait for a (new) connection.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                if tried.len() >= self.sessions.lock().expect("sessions lock").len() {
+                if tried.len() >= self.sessions.lock().len() {
                     tried.clear();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -1262,6 +1285,7 @@ impl Shared {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     self.stash
                         .send((id, encoded, plain, tx))
+                        .await
                         .map_err(|_| NetError::Connect("shutting down".into()))?;
                     return rx
                         .await

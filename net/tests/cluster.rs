@@ -218,6 +218,17 @@ async fn changes_on_any_device_show_on_all() {
         assert!(report.is_clean(), "fsck: {:?}", report.problems);
         assert_eq!(d.store.version_vector(), devs[0].store.version_vector());
     }
+    // Shutdown: every task of each network ends (loops first, then the sessions with
+    // their connections), and a closed device is no longer reachable.
+    for d in &devs {
+        d.net.close();
+    }
+    for d in &devs {
+        tokio::time::timeout(Duration::from_secs(5), d.net.closed())
+            .await
+            .expect("the network's tasks end after close");
+        assert!(d.net.peers().is_empty(), "sessions left after close");
+    }
 }
 
 /// Fetches every absent chunk of a file at once, as a deep read-ahead does.

@@ -480,8 +480,17 @@ fn mount_inner(args: MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     signal_handle.close();
     let _ = signal_thread.join();
     network.stop_discovery();
+    // The network stops in its order (loops, connections, then its tasks end: fetched
+    // chunks still in memory go to disk); what is still running after 2 s is dropped.
     network.net.close();
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let net = network.net.clone();
+    let ended = runtime.block_on(async move {
+        tokio::time::timeout(std::time::Duration::from_secs(2), net.closed()).await
+    });
+    if ended.is_err() {
+        tracing::warn!("network tasks still running after 2 s at shutdown: dropped");
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     let _ = std::fs::remove_file(&socket);
     fs.flush_all()
         .context("committing buffered writes at unmount")?;

@@ -378,12 +378,52 @@ impl Store {
             ));
         }
 
-        // Extended attributes belong to nodes.
+        // Extended attributes belong to nodes, each with the value its register holds.
         for item in all(view, Cf::Xattrs) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             let ino = key::ino_of(&k)?;
-            if !nodes.contains_key(&ino) {
+            let Some(n) = nodes.get(&ino) else {
                 r.problem(format!("extended attribute of missing node {ino}"));
+                continue;
+            };
+            let name = &k[8..];
+            let reg = view
+                .get(Cf::XattrRegs, &key::xattr_reg(n.id, name))?
+                .map(|b| {
+                    records::decode::<(crate::types::Hlc, Option<Vec<u8>>)>("xattr register", &b)
+                })
+                .transpose()?;
+            if reg.and_then(|(_, value)| value).as_ref() != Some(&v) {
+                r.problem(format!(
+                    "extended attribute {} of node {ino} differs from its register",
+                    String::from_utf8_lossy(name)
+                ));
+            }
+        }
+        // ... and every set register of a live node is one of its extended attributes.
+        for item in all(view, Cf::XattrRegs) {
+            let (k, v) = item?;
+            let (_, value): (crate::types::Hlc, Option<Vec<u8>>) =
+                records::decode("xattr register", &v)?;
+            let Some(id) = k.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
+                r.problem("an xattr register with a short key".to_string());
+                continue;
+            };
+            let Some(ino) = view
+                .get(Cf::Ids, &id)?
+                .map(|v| key::ino_of(&v))
+                .transpose()?
+            else {
+                continue;
+            };
+            if value.is_some() && nodes.contains_key(&ino) {
+                let held = view.get(Cf::Xattrs, &key::xattr(ino, &k[16..]))?;
+                if held.is_none() {
+                    r.problem(format!(
+                        "node {ino} lacks extended attribute {} its register holds",
+                        String::from_utf8_lossy(&k[16..])
+                    ));
+                }
             }
         }
 

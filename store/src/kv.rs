@@ -43,10 +43,13 @@ pub(crate) enum Cf {
     Moves,
     /// node id -> the op that created the node, to rebuild a deleted node that comes back.
     Born,
+    /// (node id, name) -> (clock, value or removal): each extended attribute of a node is a
+    /// last-writer-wins register of its own, kept while the node is deleted.
+    XattrRegs,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 14] = [
+    pub(crate) const ALL: [Cf; 15] = [
         Cf::Meta,
         Cf::Nodes,
         Cf::Ids,
@@ -61,6 +64,7 @@ impl Cf {
         Cf::Entries,
         Cf::Moves,
         Cf::Born,
+        Cf::XattrRegs,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -79,6 +83,7 @@ impl Cf {
             Cf::Entries => "entries",
             Cf::Moves => "moves",
             Cf::Born => "born",
+            Cf::XattrRegs => "xattr_regs",
         }
     }
 }

@@ -678,7 +678,7 @@ impl<'a> Txn<'a> {
             name: name.to_vec(),
             value: Some(value.to_vec()),
         });
-        n.stamps.xattrs = self.state.hlc;
+        self.xattr_register(n.id, name, self.state.hlc, Some(value))?;
         self.put_node(ino, &n);
         Ok(())
     }
@@ -697,7 +697,7 @@ impl<'a> Txn<'a> {
             name: name.to_vec(),
             value: None,
         });
-        n.stamps.xattrs = self.state.hlc;
+        self.xattr_register(n.id, name, self.state.hlc, None)?;
         self.put_node(ino, &n);
         Ok(())
     }

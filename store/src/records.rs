@@ -62,7 +62,8 @@ pub struct Stamps {
     pub atime: Hlc,
     /// Modification time.
     pub mtime: Hlc,
-    /// Extended attributes (one register for all of them).
+    /// Unused: each extended attribute has a register of its own (`Cf::XattrRegs`); kept
+    /// so that records of format 4 still decode.
     pub xattrs: Hlc,
 }
 
@@ -415,6 +416,13 @@ pub(crate) mod key {
 
     pub(crate) fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
         dirent(ino, name)
+    }
+
+    /// The register of extended attribute `name` of `node` (`Cf::XattrRegs`).
+    pub(crate) fn xattr_reg(node: NodeId, name: &[u8]) -> Vec<u8> {
+        let mut k = node_id(node).to_vec();
+        k.extend_from_slice(name);
+        k
     }
 
     pub(crate) fn pending(id: &ChunkId, token: u64) -> [u8; 40] {

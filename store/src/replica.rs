@@ -1091,6 +1091,7 @@ impl Txn<'_> {
         let ino = self.alloc_ino();
         self.put_node(ino, &rec);
         self.map_id(id, ino);
+        self.restore_xattrs(id, ino)?;
         let s = &mut self.state.stats;
         s.nodes += 1;
         match rec.kind {
@@ -1643,21 +1644,56 @@ impl Txn<'_> {
         value: Option<&[u8]>,
         cx: &mut Cx,
     ) -> Result<()> {
-        let Some((ino, mut n)) = self.remote_node(node)? else {
-            return Ok(());
-        };
-        // One register for all extended attributes of a node: a later op wins.
-        if hlc < n.stamps.xattrs {
+        if !self.xattr_register(node, name, hlc, value)? {
             return Ok(());
         }
-        n.stamps.xattrs = hlc;
+        // A node deleted here keeps the register, for a late op that brings it back.
+        let Some(ino) = self.ino_of_id(node)? else {
+            return Ok(());
+        };
+        if self.node(ino)?.is_none() {
+            return Ok(());
+        }
         let k = key::xattr(ino, name);
         match value {
             Some(v) => self.put(Cf::Xattrs, &k, v.to_vec()),
             None => self.delete(Cf::Xattrs, &k),
         }
-        self.put_node(ino, &n);
         cx.nodes.insert(ino);
+        Ok(())
+    }
+
+    /// Sets the register of extended attribute `name` of `node` to `value` (`None`: removed)
+    /// at clock `hlc`, if that wins: the later clock, on a tie the larger value (a removal
+    /// the smallest). True if it did.
+    pub(crate) fn xattr_register(
+        &mut self,
+        node: NodeId,
+        name: &[u8],
+        hlc: Hlc,
+        value: Option<&[u8]>,
+    ) -> Result<bool> {
+        let k = key::xattr_reg(node, name);
+        if let Some(b) = self.get(Cf::XattrRegs, &k)? {
+            let (held, v): (Hlc, Option<Vec<u8>>) = records::decode("xattr register", &b)?;
+            if (hlc, value) <= (held, v.as_deref()) {
+                return Ok(false);
+            }
+        }
+        self.put(Cf::XattrRegs, &k, records::encode(&(hlc, value)));
+        Ok(true)
+    }
+
+    /// Gives a node rebuilt at `ino` the extended attributes its registers hold.
+    fn restore_xattrs(&mut self, node: NodeId, ino: Ino) -> Result<()> {
+        let prefix = key::node_id(node);
+        let end = kv::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+        for (k, v) in self.scan(Cf::XattrRegs, &prefix, &end, usize::MAX)? {
+            let (_, value): (Hlc, Option<Vec<u8>>) = records::decode("xattr register", &v)?;
+            if let Some(value) = value {
+                self.put(Cf::Xattrs, &key::xattr(ino, &k[prefix.len()..]), value);
+            }
+        }
         Ok(())
     }
 

@@ -38,6 +38,8 @@ fn act() -> impl Strategy<Value = Act> {
             .prop_map(|(file, dir, name)| Act::Link { file, dir, name }),
         2 => (any::<usize>(), any::<u16>(), any::<u16>())
             .prop_map(|(node, perm, secs)| Act::SetAttr { node, perm, secs }),
+        2 => (any::<usize>(), 0..XATTRS.len(), prop::option::of(any::<u8>()))
+            .prop_map(|(node, name, value)| Act::Xattr { node, name, value }),
     ]
 }
 

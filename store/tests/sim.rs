@@ -245,7 +245,7 @@ impl Sim {
     fn random_act(&mut self) -> Act {
         let r = &mut self.rng;
         let n = NAMES.len();
-        match r.random_range(0..14) {
+        match r.random_range(0..16) {
             0..=2 => Act::Create {
                 dir: r.random::<u32>() as usize,
                 name: r.random_range(0..n),
@@ -273,6 +273,11 @@ impl Sim {
                 file: r.random::<u32>() as usize,
                 dir: r.random::<u32>() as usize,
                 name: r.random_range(0..n),
+            },
+            14 | 15 => Act::Xattr {
+                node: r.random::<u32>() as usize,
+                name: r.random_range(0..XATTRS.len()),
+                value: r.random_bool(0.7).then(|| r.random()),
             },
             _ => Act::SetAttr {
                 node: r.random::<u32>() as usize,

@@ -9,10 +9,12 @@ use std::collections::{BTreeMap, HashSet};
 use bytes::Bytes;
 use pvfs_store::{
     ChunkId, FileKind, Ino, NewExtent, NewNode, NodeId, OpId, OpKind, OpRecord, PreparedChunk,
-    RenameFlags, SetAttrs, SetTime, Store, Timestamp, Version, ROOT_INO,
+    RenameFlags, SetAttrs, SetTime, Store, Timestamp, Version, XattrMode, ROOT_INO,
 };
 
 pub const NAMES: [&str; 4] = ["a", "b.txt", "c", "d.txt"];
+/// Extended attribute names the changes use.
+pub const XATTRS: [&str; 3] = ["user.a", "user.b", "user.c"];
 
 #[derive(Clone, Debug)]
 pub enum Act {
@@ -49,6 +51,12 @@ pub enum Act {
         node: usize,
         perm: u16,
         secs: u16,
+    },
+    /// Sets (or, with `None`, removes) one of a few extended attributes of any node.
+    Xattr {
+        node: usize,
+        name: usize,
+        value: Option<u8>,
     },
 }
 
@@ -167,6 +175,17 @@ pub fn run(s: &Store, a: &Act) {
             };
             s.commit(false, |tx| tx.setattr(ino, &attrs).map(|_| ()))
         }
+        Act::Xattr { node, name, value } => {
+            let inos: Vec<Ino> = std::iter::once(ROOT_INO)
+                .chain(all.iter().map(|x| x.2))
+                .collect();
+            let ino = inos[node % inos.len()];
+            let name = XATTRS[name % XATTRS.len()].as_bytes();
+            s.commit(false, |tx| match value {
+                Some(v) => tx.set_xattr(ino, name, &[*v; 3], XattrMode::Any),
+                None => tx.remove_xattr(ino, name),
+            })
+        }
         Act::Remove { node } => {
             if all.is_empty() {
                 return;
@@ -206,8 +225,23 @@ pub type Dump = Vec<(
     u64,
     Vec<(u64, ChunkId, u32)>,
     NodeId,
-    (Timestamp, u32),
+    (Timestamp, u32, Xattrs),
 )>;
+
+/// A node's extended attributes, by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn xattrs(s: &Store, ino: Ino) -> Xattrs {
+    let mut names = s.xattr_names(ino).unwrap();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = s.xattr(ino, &n).unwrap().unwrap_or_default();
+            (n, v)
+        })
+        .collect()
+}
 
 /// The tree by path, with each node's size, extents and modification time.
 pub fn dump(s: &Store) -> Dump {
@@ -229,7 +263,7 @@ pub fn dump(s: &Store) -> Dump {
         0,
         Vec::new(),
         root.id,
-        (root_mtime, root_perm),
+        (root_mtime, root_perm, xattrs(s, ROOT_INO)),
     )];
     let mut dirs = vec![(ROOT_INO, Vec::new())];
     while let Some((d, path)) = dirs.pop() {
@@ -247,7 +281,8 @@ pub fn dump(s: &Store) -> Dump {
             if e.kind == FileKind::Dir {
                 dirs.push((e.ino, p.clone()));
             }
-            out.push((p, e.kind, n.size, ext, n.id, (n.mtime, n.perm)));
+            let xa = xattrs(s, e.ino);
+            out.push((p, e.kind, n.size, ext, n.id, (n.mtime, n.perm, xa)));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -256,18 +291,23 @@ pub fn dump(s: &Store) -> Dump {
 
 pub fn show(d: &Dump) -> String {
     d.iter()
-        .map(|(p, k, size, ext, id, (mtime, perm))| {
+        .map(|(p, k, size, ext, id, (mtime, perm, xa))| {
             let ext: Vec<String> = ext
                 .iter()
                 .map(|(o, c, l)| format!("{o}+{l}:{}", &c.fmt_short()[..4]))
                 .collect();
+            let xa: Vec<String> = xa
+                .iter()
+                .map(|(n, v)| format!("{}={v:?}", String::from_utf8_lossy(n)))
+                .collect();
             format!(
-                "  {} {k:?} {size} [{}] {} mtime {}.{:09} mode {perm:o}",
+                "  {} {k:?} {size} [{}] {} mtime {}.{:09} mode {perm:o} xattrs [{}]",
                 String::from_utf8_lossy(p),
                 ext.join(" "),
                 &id.to_string()[..6],
                 mtime.sec,
-                mtime.nsec
+                mtime.nsec,
+                xa.join(" ")
             )
         })
         .collect::<Vec<_>>()

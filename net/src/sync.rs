@@ -39,6 +39,9 @@ const BATCH_OPS: usize = 512;
 const BATCH_BYTES: usize = 1 << 20;
 /// How often devices heard of but not connected are dialled again.
 const REDIAL: Duration = Duration::from_secs(2);
+/// The least time a holder has to answer a chunk request before the next holder is asked
+/// too (`Shared::hedge_after`).
+const MIN_HEDGE: Duration = Duration::from_millis(250);
 /// Connections one device may hold to this one at once (two: both dialled at once).
 pub const MAX_CONNECTIONS_PER_DEVICE: usize = 2;
 /// Longest wait between two attempts to reach a peer.
@@ -1219,54 +1222,66 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + self.opts.fetch_timeout;
         let mut tried: Vec<usize> = Vec::new();
         let mut last = String::from("no device holding it is reachable");
+        // Requests under way, each to another device: a holder that has not answered within
+        // its own deadline (`hedge_after`) is left running while the next one is asked too,
+        // so one slow or silent holder cannot spend the read's whole deadline.
+        let mut asking: tokio::task::JoinSet<(Arc<Session>, Result<Bytes>)> =
+            tokio::task::JoinSet::new();
+        let mut next_hedge = tokio::time::Instant::now();
         loop {
-            let next = {
-                let sessions = self.sessions.lock();
-                // Devices that announced they may hold it first, then the least loaded,
-                // then the nearest: a large file's chunks spread over every device that
-                // holds them. A "no" may be stale, so those devices are asked last.
-                sessions
-                    .iter()
-                    .filter(|(k, _)| !tried.contains(k))
-                    .map(|(k, s)| (*k, s.clone()))
-                    .min_by_key(|(_, s)| {
-                        let lacks = s.holdings.lock().as_ref().is_some_and(|h| !h.may_hold(&id));
-                        (lacks, s.requester.load(), s.conn.rtt())
-                    })
-            };
-            let Some((key, session)) = next else {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(NetError::Connect(format!(
-                        "chunk {}: {last} (gave up after {:?})",
-                        id.fmt_short(),
-                        self.opts.fetch_timeout
-                    )));
+            let now = tokio::time::Instant::now();
+            if asking.is_empty() || now >= next_hedge {
+                if let Some((key, session)) = self.next_holder(id, &tried) {
+                    tried.push(key);
+                    next_hedge = now + self.hedge_after(&session);
+                    asking.spawn(async move {
+                        let _busy = Busy::start(session.clone());
+                        let res = session.requester.get(id).await;
+                        (session, res)
+                    });
+                    continue;
                 }
-                // Wait for a (new) connection.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if tried.len() >= self.sessions.lock().len() {
-                    tried.clear();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                if asking.is_empty() {
+                    if now >= deadline {
+                        return Err(NetError::Connect(format!(
+                            "chunk {}: {last} (gave up after {:?})",
+                            id.fmt_short(),
+                            self.opts.fetch_timeout
+                        )));
+                    }
+                    // Wait for a (new) connection.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if tried.len() >= self.sessions.lock().len() {
+                        tried.clear();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    continue;
                 }
-                continue;
-            };
-            tried.push(key);
-            session.busy(true);
-            let res = tokio::time::timeout_at(deadline, session.requester.get(id)).await;
-            session.busy(false);
-            match res {
-                Err(_) => {
+                // Every connected device is being asked: look again for new ones in a while.
+                next_hedge = now + Duration::from_millis(200);
+            }
+            let answer = tokio::select! {
+                a = asking.join_next() => a,
+                _ = tokio::time::sleep_until(next_hedge) => continue,
+                _ = tokio::time::sleep_until(deadline) => {
                     return Err(NetError::Connect(format!(
                         "chunk {}: no answer within {:?}",
                         id.fmt_short(),
                         self.opts.fetch_timeout
                     )))
                 }
-                Ok(Err(e)) => {
+            };
+            let Some(Ok((session, res))) = answer else {
+                continue;
+            };
+            match res {
+                Err(e) => {
                     tracing::debug!(device = %session.device.fmt_short(), chunk = %id.fmt_short(), "fetch: {e}");
                     last = e.to_string();
+                    // Ask the next device now rather than at the hedge time.
+                    next_hedge = tokio::time::Instant::now();
                 }
-                Ok(Ok(encoded)) => {
+                Ok(encoded) => {
                     let Ok(plain) = pvfs_store::decode_fetched(&id, &encoded, len) else {
                         // A device that serves wrong bytes is buggy or hostile: drop it.
                         tracing::warn!(
@@ -1276,8 +1291,11 @@ impl Shared {
                         );
                         session.conn.close(5u32.into(), b"wrong bytes for a chunk");
                         last = "a device sent wrong bytes".into();
+                        next_hedge = tokio::time::Instant::now();
                         continue;
                     };
+                    // The others are not waited for (dropping the set stops them).
+                    drop(asking);
                     session
                         .fetched
                         .fetch_add(plain.len() as u64, Ordering::Relaxed);
@@ -1293,6 +1311,45 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The device to ask for chunk `id` next, of those not in `tried`: devices that
+    /// announced they may hold it first, then the least loaded, then the nearest, so that a
+    /// large file's chunks spread over every device that holds them. A "no" may be stale,
+    /// so those devices are asked last.
+    fn next_holder(&self, id: ChunkId, tried: &[usize]) -> Option<(usize, Arc<Session>)> {
+        self.sessions
+            .lock()
+            .iter()
+            .filter(|(k, _)| !tried.contains(k))
+            .map(|(k, s)| (*k, s.clone()))
+            .min_by_key(|(_, s)| {
+                let lacks = s.holdings.lock().as_ref().is_some_and(|h| !h.may_hold(&id));
+                (lacks, s.requester.load(), s.conn.rtt())
+            })
+    }
+
+    /// How long a holder has to answer before the next one is asked too: a few round trips,
+    /// within `MIN_HEDGE` and a quarter of the fetch timeout.
+    fn hedge_after(&self, session: &Session) -> Duration {
+        let max = (self.opts.fetch_timeout / 4).max(MIN_HEDGE);
+        (session.conn.rtt() * 4 + MIN_HEDGE).min(max)
+    }
+}
+
+/// A session counted busy while a request to it is under way, however the request ends.
+struct Busy(Arc<Session>);
+
+impl Busy {
+    fn start(session: Arc<Session>) -> Busy {
+        session.busy(true);
+        Busy(session)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy(false);
     }
 }
 

@@ -369,6 +369,110 @@ async fn strangers_get_nothing_and_revoked_devices_are_refused() {
     assert!(refused, "a removed device still gets a connection");
 }
 
+/// A member of `devs`' namespace that says Hello properly and answers each `Want` with
+/// what `answer` makes of it (`None`: no answer at all); returns its address and how many
+/// `Want`s it got.
+fn fake_member(
+    devs: &[Device],
+    answer: fn(Vec<ChunkId>) -> Option<Message>,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let fake_cert = cert();
+    for d in devs {
+        d.store
+            .commit(false, |tx| tx.set_member(fake_cert.device(), "fake", true))
+            .unwrap();
+    }
+    let members = Arc::new(pvfs_net::sync::StoreMembers(devs[0].store.clone()));
+    let fake = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &fake_cert, members).unwrap();
+    let addr = fake.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    let device = fake_cert.device();
+    tokio::spawn(async move {
+        while let Some(p) = fake.accept().await {
+            let asked = counter.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = p.conn.accept_bi().await {
+                    let asked = asked.clone();
+                    tokio::spawn(async move {
+                        while let Ok(Some(m)) = wire::read_message(&mut recv).await {
+                            let reply = match m {
+                                Message::Hello(_) => Message::Hello(Hello {
+                                    protocol: PROTOCOL_VERSION,
+                                    device,
+                                    namespace: namespace_hash(&NS),
+                                    have: Vec::new(),
+                                }),
+                                Message::Want(ids) => {
+                                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    match answer(ids) {
+                                        Some(m) => m,
+                                        None => continue,
+                                    }
+                                }
+                                _ => continue,
+                            };
+                            if wire::write_message(&mut send, &reply).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_holder_is_hedged_around_within_the_fetch_deadline() {
+    let devs = cluster(2);
+    let content = data(300_000, 5);
+    let (a, b) = (&devs[0], &devs[1]);
+    write_file(&a.store, ROOT_INO, "f", &content);
+    // A member that takes every request and never answers.
+    let (silent_addr, asked) = fake_member(&devs, |_| None);
+    connect(b, a);
+    eventually("b sees the file", || {
+        lookup(&b.store, ROOT_INO, "f").is_some()
+    })
+    .await;
+    let ino = lookup(&b.store, ROOT_INO, "f").unwrap();
+    let (_, e) = b.store.extents(ino, 0, 1).unwrap()[0];
+    // b asks with only the silent member connected, then the honest holder comes back.
+    a.net.close();
+    eventually("b loses a", || b.net.peers().is_empty()).await;
+    b.net.connect_once(silent_addr).await.unwrap();
+    eventually("b is connected to the silent member", || {
+        !b.net.peers().is_empty()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let fetch = tokio::spawn({
+        let net = b.net.clone();
+        async move { net.fetch(e.chunk, e.len).await }
+    });
+    eventually("the silent member was asked", || {
+        asked.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    let a2 = Net::start(
+        a.store.clone(),
+        &a.cert,
+        opts(Duration::from_secs(5)),
+        no_hooks(),
+    )
+    .unwrap();
+    b.net.connect_once(a2.local_addr().unwrap()).await.unwrap();
+    // Without hedging the fetch would wait for the silent member until its 5 s deadline and
+    // fail; it is served by a2 instead.
+    fetch.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "the fetch took {took:?}");
+    let got = b.store.chunk(&e.chunk, e.len).unwrap();
+    assert_eq!(ChunkId::of(&got), e.chunk);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lying_peer_is_caught_and_another_holder_serves() {
     let devs = cluster(2);
@@ -376,53 +480,12 @@ async fn a_lying_peer_is_caught_and_another_holder_serves() {
     let (a, b) = (&devs[0], &devs[1]);
     write_file(&a.store, ROOT_INO, "f", &content);
     // The liar: a member that says Hello properly and answers every Want with garbage.
-    let liar_cert = cert();
-    for d in [a, b] {
-        d.store
-            .commit(false, |tx| tx.set_member(liar_cert.device(), "liar", true))
-            .unwrap();
-    }
-    let liar_members = Arc::new(pvfs_net::sync::StoreMembers(b.store.clone()));
-    let liar = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &liar_cert, liar_members).unwrap();
-    let liar_addr = liar.local_addr().unwrap();
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    {
-        let asked = asked.clone();
-        let liar_dev = liar_cert.device();
-        tokio::spawn(async move {
-            while let Some(p) = liar.accept().await {
-                let asked = asked.clone();
-                tokio::spawn(async move {
-                    while let Ok((mut send, mut recv)) = p.conn.accept_bi().await {
-                        let asked = asked.clone();
-                        tokio::spawn(async move {
-                            while let Ok(Some(m)) = wire::read_message(&mut recv).await {
-                                let reply = match m {
-                                    Message::Hello(_) => Message::Hello(Hello {
-                                        protocol: PROTOCOL_VERSION,
-                                        device: liar_dev,
-                                        namespace: namespace_hash(&NS),
-                                        have: Vec::new(),
-                                    }),
-                                    Message::Want(ids) => {
-                                        asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                                        Message::Chunk {
-                                            id: ids[0],
-                                            data: Bytes::from(vec![0u8; 100_000]),
-                                        }
-                                    }
-                                    _ => continue,
-                                };
-                                if wire::write_message(&mut send, &reply).await.is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                    }
-                });
-            }
-        });
-    }
+    let (liar_addr, asked) = fake_member(&devs, |ids| {
+        Some(Message::Chunk {
+            id: ids[0],
+            data: Bytes::from(vec![0u8; 100_000]),
+        })
+    });
     // b learns the namespace from a, then talks only to the liar while fetching.
     connect(b, a);
     eventually("b sees the file", || {

@@ -649,6 +649,11 @@ impl Store {
         if let Some((_, plain)) = self.inner.landed.lock().chunks.get(id) {
             return Ok(plain.clone());
         }
+        // `persist_landed` may have moved it between the two looks (it fills the cache
+        // before it empties `landed`).
+        if let Some(b) = self.inner.cache.get(id) {
+            return Ok(b);
+        }
         let stored = self
             .inner
             .backend

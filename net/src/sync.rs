@@ -993,7 +993,13 @@ impl Shared {
                 }
                 continue;
             }
-            // Cut into messages of about BATCH_BYTES.
+            // Cut into messages of about BATCH_BYTES, where the receiver can vouch for each
+            // writer's run in the message (`vouched`).
+            let by_device: HashMap<DeviceId, [u8; pvfs_store::KEY_LEN]> = keys
+                .iter()
+                .map(|k| (DeviceId::from_public_key(k), *k))
+                .collect();
+            let namespace = self.store.namespace();
             let mut batch = Vec::new();
             let mut bytes = 0;
             let n = ops.len();
@@ -1002,7 +1008,9 @@ impl Shared {
                 let e = peer_have.entry(op.id.writer()).or_default();
                 *e = (*e).max(op.id.seq);
                 batch.push(op);
-                if bytes >= BATCH_BYTES || i + 1 == n {
+                let cut = i + 1 == n
+                    || (bytes >= BATCH_BYTES && vouched(&batch, me, &namespace, &by_device));
+                if cut {
                     let msg = Message::Ops {
                         keys: keys.clone(),
                         ops: std::mem::take(&mut batch),
@@ -1337,6 +1345,26 @@ impl Shared {
     }
 }
 
+/// True if every other device's run in `batch` ends at an op whose signature verifies: the
+/// receiver checks each run's last signature and the hash chain of the rest, so a message
+/// may end only there (the whole batch from `ops_after` does; a cut inside it must too).
+fn vouched(
+    batch: &[pvfs_store::OpRecord],
+    me: DeviceId,
+    namespace: &[u8; 16],
+    keys: &HashMap<DeviceId, [u8; pvfs_store::KEY_LEN]>,
+) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    batch.iter().rev().all(|op| {
+        let w = op.id.writer();
+        if op.id.device == me || !seen.insert(w) {
+            return true;
+        }
+        keys.get(&op.id.device)
+            .is_some_and(|k| pvfs_store::verify_op(namespace, k, op).is_ok())
+    })
+}
+
 /// A session counted busy while a request to it is under way, however the request ends.
 struct Busy(Arc<Session>);
 
@@ -1468,5 +1496,53 @@ async fn ask_has(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<u8>> {
         other => Err(NetError::Malformed(format!(
             "unexpected answer to Has: {other:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use pvfs_store::{DeviceKey, RootOwner, Signer, Store, KEY_LEN};
+
+    use super::vouched;
+
+    /// A message may end another device's run only at an op whose signature verifies; this
+    /// device's own ops need no check.
+    #[test]
+    fn a_message_ends_a_foreign_run_only_at_a_good_signature() {
+        let ns = [3; 16];
+        let (me, other) = (
+            Arc::new(DeviceKey::from_seed([1; 32])),
+            Arc::new(DeviceKey::from_seed([2; 32])),
+        );
+        let ops = |k: &Arc<DeviceKey>| {
+            let s = Store::in_memory_in(k.clone(), RootOwner { uid: 0, gid: 0 }, ns).unwrap();
+            s.commit(false, |tx| {
+                tx.set_member(k.device(), "a", true)?;
+                tx.set_member(k.device(), "b", true)
+            })
+            .unwrap();
+            s.ops(s.writer(), 1, usize::MAX).unwrap()
+        };
+        let keys: HashMap<_, [u8; KEY_LEN]> = [&me, &other]
+            .iter()
+            .map(|k| (k.device(), k.public_key().try_into().unwrap()))
+            .collect();
+        let mut theirs = ops(&other);
+        assert!(vouched(&theirs, me.device(), &ns, &keys));
+        theirs[1].sig = vec![0; 64];
+        assert!(!vouched(&theirs, me.device(), &ns, &keys), "a bad run end");
+        assert!(
+            vouched(&theirs[..1], me.device(), &ns, &keys),
+            "cut before it"
+        );
+        let mut mine = ops(&me);
+        mine[1].sig = vec![0; 64];
+        assert!(
+            vouched(&mine, me.device(), &ns, &keys),
+            "own ops are not checked"
+        );
     }
 }

@@ -154,3 +154,203 @@ fn a_flooding_member_neither_stalls_sync_nor_exhausts_memory() {
     assert!(named, "A's log does not name the offender:\n{log}");
     assert!(synced("after.txt", b"after"), "B: {}", db.log_text());
 }
+
+/// Signs `op` again with `key` for `namespace` (after its fields were changed).
+fn resign(op: &mut pvfs_store::OpRecord, key: &DeviceCert, namespace: &[u8; 16]) {
+    use pvfs_store::Signer;
+    op.sig = key.sign(&pvfs_store::sign_message(
+        namespace,
+        &pvfs_store::op_hash(op),
+    ));
+}
+
+/// The same member speaks the sync protocol and sends ops of every bad kind on its sync
+/// stream: equivocating, forged in another device's name, far-future, backdated behind its
+/// own previous op, malformed (a name with `/`), and at last a message over the wire's
+/// limits. A keeps its valid op, refuses the rest, keeps the equivocation's evidence and
+/// shows it in `pvfs-admin status`, and A and B stay in sync with clean stores.
+#[test]
+fn a_hostile_members_bad_ops_are_refused_and_reported() {
+    use pvfs_net::sync::namespace_hash;
+    use pvfs_net::wire::{write_message, Hello, Message, MAX_OPS, PROTOCOL_VERSION};
+    use pvfs_store::{FileKind, Hlc, NewNode, OpKind, Store, StoreOptions, ROOT_INO};
+
+    let (a, b, h) = (Scratch::new(), Scratch::new(), Scratch::new());
+    let da = Daemon::start(&a.data(), &a.mnt());
+    let listen_a = da.listen_addr();
+    join_through(&da, &b.data(), "bee");
+    let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen_a])
+        .unwrap_or_else(|e| panic!("{e}"));
+    join_through(&da, &h.data(), "hostile");
+    let synced = |name: &str, content: &[u8]| {
+        std::fs::write(a.mnt().join(name), content).unwrap();
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read(b.mnt().join(name)).is_ok_and(|d| d == content)
+        })
+    };
+    assert!(synced("before.txt", b"before"), "B: {}", db.log_text());
+    // A learns B's key from B's ops, so that an op forged in B's name fails on its signature.
+    std::fs::write(b.mnt().join("from-b.txt"), b"b").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || a
+            .mnt()
+            .join("from-b.txt")
+            .exists()),
+        "A: {}",
+        da.log_text()
+    );
+
+    // The hostile member's own store makes one valid op; the rest are made from it.
+    let pem = std::fs::read_to_string(h.data().join("identity.pem")).expect("identity");
+    let cert = DeviceCert::from_key_pem(&pem).expect("key");
+    let signer = Arc::new(DeviceCert::from_key_pem(&pem).expect("key"));
+    let store = Store::open(&h.data(), &StoreOptions::default(), Some(signer)).expect("open");
+    let ns = store.namespace();
+    let new = NewNode {
+        kind: FileKind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: None,
+    };
+    store
+        .commit(true, |tx| tx.create(ROOT_INO, b"hostile.txt", new))
+        .expect("a valid op");
+    let op1 = store
+        .ops(store.writer(), 1, 1)
+        .unwrap()
+        .pop()
+        .expect("op 1");
+    let hostile = cert.device();
+    let key: [u8; pvfs_store::KEY_LEN] = {
+        use pvfs_store::Signer;
+        cert.public_key().try_into().unwrap()
+    };
+    let rename = |op: &mut pvfs_store::OpRecord, to: &[u8]| {
+        if let OpKind::Create { name, .. } = &mut op.kind {
+            *name = to.to_vec();
+        }
+    };
+    let mut twin = op1.clone();
+    rename(&mut twin, b"twin.txt");
+    resign(&mut twin, &cert, &ns);
+    // Each bad op under a writer of its own, so that A reports each refusal.
+    let bad = |writer: Option<u64>, hlc: u64, name: &[u8]| {
+        let mut op = op1.clone();
+        match writer {
+            // A new writer of the hostile device: its first op.
+            Some(incarnation) => {
+                op.id.incarnation = incarnation;
+                op.prev = pvfs_store::GENESIS;
+            }
+            // The next op of op1's writer.
+            None => {
+                op.id.seq = 2;
+                op.prev = pvfs_store::op_hash(&op1);
+            }
+        }
+        op.hlc = Hlc(hlc);
+        if let OpKind::Create { node, .. } = &mut op.kind {
+            node.0 ^= u128::from(hlc);
+        }
+        rename(&mut op, name);
+        resign(&mut op, &cert, &ns);
+        op
+    };
+    let far = bad(
+        Some(11),
+        op1.hlc.0 + ((3 * 3600 * 1000) << 16),
+        b"future.txt",
+    );
+    let back = bad(None, op1.hlc.0 - (1 << 16), b"backdated.txt");
+    let bad_name = bad(Some(12), op1.hlc.0 + 1, b"a/b");
+    // In B's name, signed by the hostile key.
+    let mut forged = bad(Some(13), op1.hlc.0 + 2, b"forged.txt");
+    forged.id.device = {
+        let pem_b = std::fs::read_to_string(b.data().join("identity.pem")).unwrap();
+        DeviceCert::from_key_pem(&pem_b).unwrap().device()
+    };
+    resign(&mut forged, &cert, &ns);
+    drop(store);
+
+    let addr: std::net::SocketAddr = listen_a.parse().unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            let ep =
+                Endpoint::bind("127.0.0.1:0".parse().unwrap(), &cert, Arc::new(Anyone)).unwrap();
+            let peer = ep.connect(addr).await.expect("connect");
+            let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
+            let hello = Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                device: cert.device(),
+                namespace: namespace_hash(&ns),
+                have: Vec::new(),
+            });
+            write_message(&mut send, &hello).await.unwrap();
+            // Drain what A sends, so that its pushes never wait on this stream.
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = pvfs_net::wire::read_message(&mut recv).await {}
+            });
+            for ops in [
+                vec![op1.clone()],
+                vec![twin],
+                vec![forged],
+                vec![far],
+                vec![back],
+                vec![bad_name],
+            ] {
+                let msg = Message::Ops {
+                    keys: vec![key],
+                    ops,
+                };
+                write_message(&mut send, &msg).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let flood = Message::Ops {
+                keys: vec![key],
+                ops: vec![op1; MAX_OPS + 1],
+            };
+            let _ = write_message(&mut send, &flood).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ep.close();
+        });
+
+    let exists = |name: &str| a.mnt().join(name).exists() || b.mnt().join(name).exists();
+    assert!(
+        wait_until(Duration::from_secs(20), || b
+            .mnt()
+            .join("hostile.txt")
+            .exists()),
+        "the hostile member's valid op reaches B\nA: {}",
+        da.log_text()
+    );
+    for name in ["twin.txt", "future.txt", "backdated.txt", "forged.txt"] {
+        assert!(!exists(name), "{name} was applied\nA: {}", da.log_text());
+    }
+    let status = da.admin(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("WARNING") && text.contains(&hostile.fmt_short()),
+        "status does not report the equivocation:\n{text}"
+    );
+    let log = da.log_text();
+    for why in [
+        "two different ops under one id",
+        "a bad signature",
+        "more than an hour ahead",
+        "backdated",
+        "name",
+    ] {
+        assert!(log.contains(why), "A's log does not say {why:?}:\n{log}");
+    }
+    assert!(synced("after.txt", b"after"), "B: {}", db.log_text());
+    drop(db);
+    drop(da);
+    pvfs_tests::assert_fsck_clean(&a.data());
+    pvfs_tests::assert_fsck_clean(&b.data());
+}

@@ -42,7 +42,8 @@ const REDIAL: Duration = Duration::from_secs(2);
 /// The least time a holder has to answer a chunk request before the next holder is asked
 /// too (`Shared::hedge_after`).
 const MIN_HEDGE: Duration = Duration::from_millis(250);
-/// Connections one device may hold to this one at once (two: both dialled at once).
+/// Connections one device may hold to this one at once (two: both dialled at once); a new
+/// one replaces the oldest.
 pub const MAX_CONNECTIONS_PER_DEVICE: usize = 2;
 /// Longest wait between two attempts to reach a peer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -772,16 +773,21 @@ impl Shared {
         });
         session.touch();
         {
+            // A device has at most MAX_CONNECTIONS_PER_DEVICE: a new one replaces its oldest
+            // (most often a connection of its previous run, which crashed or restarted and
+            // whose end has not reached this device yet).
             let mut sessions = self.sessions.lock();
-            let open = sessions
+            let mut same: Vec<(Instant, Arc<Session>)> = sessions
                 .values()
                 .filter(|s| s.device == peer.device)
-                .count();
-            if open >= MAX_CONNECTIONS_PER_DEVICE {
-                drop(sessions);
-                tracing::warn!(device = %peer.device.fmt_short(), "refused a connection: too many from this device");
-                peer.conn.close(4u32.into(), b"too many connections");
-                return;
+                .map(|s| (s.since, s.clone()))
+                .collect();
+            same.sort_by_key(|(since, _)| *since);
+            let excess = (same.len() + 1).saturating_sub(MAX_CONNECTIONS_PER_DEVICE);
+            for (_, old) in same.into_iter().take(excess) {
+                tracing::info!(device = %peer.device.fmt_short(), "a new connection replaces the oldest of this device");
+                old.conn
+                    .close(4u32.into(), b"replaced by a newer connection");
             }
             sessions.insert(key, session.clone());
         }

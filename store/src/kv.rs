@@ -138,6 +138,9 @@ pub(crate) trait Backend: ReadView + Send + Sync {
         let _ = crash;
         None
     }
+    /// Bytes the column family `cf` takes: on disk and in memory tables (RocksDB's own
+    /// figures, compressed), or its keys and values (in memory).
+    fn cf_bytes(&self, cf: Cf) -> Result<u64>;
     /// Writes through the write-ahead log since the last sync (the in-memory backend only;
     /// 0 elsewhere).
     fn unsynced_writes(&self) -> usize {

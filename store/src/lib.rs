@@ -47,7 +47,7 @@ pub use replica::{
     conflict_name, Applied, Refused, Version, VersionVector, MAX_CLOCK_SKEW_MS,
     MAX_REFUSED_WRITERS, MEMBER_NAME_MAX,
 };
-pub use store::{RootOwner, SpaceInfo, Staging, Store, StoreOptions};
+pub use store::{LogBytes, RootOwner, SpaceInfo, Staging, Store, StoreOptions};
 pub use txn::{PreparedChunk, Txn};
 pub use types::{
     os_random, ChunkId, DeviceId, FileKind, Hlc, Ino, NodeId, OpId, Timestamp, Writer, ROOT_INO,

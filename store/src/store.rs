@@ -84,6 +84,15 @@ impl Default for StoreOptions {
     }
 }
 
+/// The size of a store's logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogBytes {
+    /// Every op held (all writers).
+    pub op_log: u64,
+    /// The moves of entries, for undo and redo of late ops.
+    pub move_log: u64,
+}
+
 /// How a new namespace's root directory starts out.
 #[derive(Clone, Copy, Debug)]
 pub struct RootOwner {
@@ -1166,6 +1175,15 @@ impl Store {
             out.push(records::decode("op", &v)?);
         }
         Ok(out)
+    }
+
+    /// Bytes the op log and the move log take (`pvfs-admin stats`): what compaction of the
+    /// logs is to bound.
+    pub fn log_bytes(&self) -> Result<LogBytes> {
+        Ok(LogBytes {
+            op_log: self.inner.backend.cf_bytes(Cf::Oplog)?,
+            move_log: self.inner.backend.cf_bytes(Cf::Moves)?,
+        })
     }
 
     /// Fails with `NoSpace` if writing `extra` more bytes would eat into the reserve (after

@@ -541,3 +541,20 @@ fn evicted_chunks_stay_referenced_and_orphans_keep_theirs() {
         s.commit(false, |tx| tx.release_orphan(kept)).unwrap();
     });
 }
+
+/// The logs' size grows with the ops recorded, on both backends (`pvfs-admin stats`).
+#[test]
+fn log_bytes_grow_with_ops() {
+    both(|s| {
+        let before = s.log_bytes().unwrap();
+        for i in 0..200 {
+            mk(s, ROOT_INO, &format!("f{i}"), FileKind::File);
+        }
+        let after = s.log_bytes().unwrap();
+        assert!(
+            after.op_log > before.op_log + 200 * 32,
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.move_log > before.move_log, "{before:?} -> {after:?}");
+    });
+}

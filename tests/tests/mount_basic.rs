@@ -53,6 +53,9 @@ fn files_dirs_links_survive_a_restart() {
     let st = stats(&s.data());
     assert_eq!(st["files"].as_u64(), Some(2));
     assert_eq!(st["dirs"].as_u64(), Some(4));
+    // The logs' size is reported (the ops above made both grow).
+    assert!(st["op_log_bytes"].as_u64().is_some_and(|b| b > 0), "{st}");
+    assert!(st["move_log_bytes"].as_u64().is_some_and(|b| b > 0), "{st}");
     drop(d);
     assert_fsck_clean(&s.data());
 }

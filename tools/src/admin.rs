@@ -95,6 +95,10 @@ fn hex(b: &[u8]) -> String {
 /// `stats`: files, logical bytes, stored bytes, dedup ratio.
 pub fn stats(store: &Store) -> Value {
     let s = store.stats();
+    let logs = store.log_bytes().unwrap_or_else(|e| {
+        tracing::warn!("measuring the logs: {e}");
+        Default::default()
+    });
     let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     json!({
         "files": s.files,
@@ -107,6 +111,8 @@ pub fn stats(store: &Store) -> Value {
         "stored_bytes": s.stored_bytes,
         "dedup_ratio": ratio(s.referenced_bytes, s.chunk_bytes),
         "compression_ratio": ratio(s.chunk_bytes, s.stored_bytes),
+        "op_log_bytes": logs.op_log,
+        "move_log_bytes": logs.move_log,
     })
 }
 
@@ -154,6 +160,8 @@ pub fn print_human(req: &Request, v: &Value) {
                 "compression ratio  {:.3}",
                 v["compression_ratio"].as_f64().unwrap_or(1.0)
             );
+            println!("op log             {}", human_bytes(u("op_log_bytes")));
+            println!("move log           {}", human_bytes(u("move_log_bytes")));
         }
         Request::Status => {
             for k in [

@@ -134,6 +134,12 @@ impl Backend for MemBackend {
         }))
     }
 
+    fn cf_bytes(&self, cf: Cf) -> Result<u64> {
+        Ok(self.tables.read().get(&cf).map_or(0, |t| {
+            t.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+        }))
+    }
+
     fn unsynced_writes(&self) -> usize {
         self.durable.lock().pending.iter().filter(|p| !p.0).count()
     }

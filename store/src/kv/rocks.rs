@@ -317,6 +317,22 @@ impl Backend for RocksBackend {
         })
     }
 
+    fn cf_bytes(&self, cf: Cf) -> Result<u64> {
+        let mut total = 0;
+        for prop in [
+            "rocksdb.total-sst-files-size",
+            "rocksdb.cur-size-all-mem-tables",
+            "rocksdb.total-blob-file-size",
+        ] {
+            total += self
+                .db
+                .property_int_value_cf(self.cf(cf), prop)
+                .map_err(db_err)?
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     fn reclaim(&self) -> Result<()> {
         let mut flush = FlushOptions::default();
         flush.set_wait(true);

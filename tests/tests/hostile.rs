@@ -80,31 +80,62 @@ async fn flood(cert: DeviceCert, addr: std::net::SocketAddr, stop: Arc<AtomicBoo
     open
 }
 
+/// Devices A and B in sync, and a third member, the hostile one, joined through A with no
+/// daemon of its own (its data directory holds its key and store).
+struct Trio {
+    a: Scratch,
+    b: Scratch,
+    h: Scratch,
+    da: Daemon,
+    db: Daemon,
+    listen_a: String,
+}
+
+impl Trio {
+    fn start() -> Trio {
+        let (a, b, h) = (Scratch::new(), Scratch::new(), Scratch::new());
+        let da = Daemon::start(&a.data(), &a.mnt());
+        let listen_a = da.listen_addr();
+        join_through(&da, &b.data(), "bee");
+        let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen_a])
+            .unwrap_or_else(|e| panic!("{e}"));
+        join_through(&da, &h.data(), "hostile");
+        let t = Trio {
+            a,
+            b,
+            h,
+            da,
+            db,
+            listen_a,
+        };
+        assert!(t.synced("before.txt", b"before"), "B: {}", t.db.log_text());
+        t
+    }
+
+    /// Writes `name` on A; true once B reads the same.
+    fn synced(&self, name: &str, content: &[u8]) -> bool {
+        std::fs::write(self.a.mnt().join(name), content).unwrap();
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read(self.b.mnt().join(name)).is_ok_and(|d| d == content)
+        })
+    }
+
+    /// The hostile member's key.
+    fn hostile_key(&self) -> String {
+        std::fs::read_to_string(self.h.data().join("identity.pem")).expect("identity")
+    }
+}
+
 #[test]
 fn a_flooding_member_neither_stalls_sync_nor_exhausts_memory() {
-    let (a, b, h) = (Scratch::new(), Scratch::new(), Scratch::new());
-    let da = Daemon::start(&a.data(), &a.mnt());
-    let listen_a = da.listen_addr();
-    join_through(&da, &b.data(), "bee");
-    let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen_a])
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The hostile member: a device joined like any other, with no daemon of its own.
-    join_through(&da, &h.data(), "hostile");
-    let pem = std::fs::read_to_string(h.data().join("identity.pem")).expect("identity");
-    let cert = DeviceCert::from_key_pem(&pem).expect("the hostile member's key");
+    let t = Trio::start();
+    let (da, db) = (&t.da, &t.db);
+    let cert = DeviceCert::from_key_pem(&t.hostile_key()).expect("the hostile member's key");
     let hostile = cert.device();
-
-    let synced = |name: &str, content: &[u8]| {
-        std::fs::write(a.mnt().join(name), content).unwrap();
-        wait_until(Duration::from_secs(30), || {
-            std::fs::read(b.mnt().join(name)).is_ok_and(|d| d == content)
-        })
-    };
-    assert!(synced("before.txt", b"before"), "B: {}", db.log_text());
     let rss_before = vm_kib(da.pid(), "VmRSS");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let addr = listen_a.parse().expect("A's address");
+    let addr = t.listen_a.parse().expect("A's address");
     let flooder = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -120,7 +151,7 @@ fn a_flooding_member_neither_stalls_sync_nor_exhausts_memory() {
     let started = Instant::now();
     let mut peak = rss_before;
     std::thread::sleep(Duration::from_secs(2));
-    let during = synced("during.txt", b"written under the flood");
+    let during = t.synced("during.txt", b"written under the flood");
     while started.elapsed() < Duration::from_secs(8) {
         peak = peak.max(vm_kib(da.pid(), "VmRSS"));
         std::thread::sleep(Duration::from_millis(100));
@@ -154,7 +185,7 @@ fn a_flooding_member_neither_stalls_sync_nor_exhausts_memory() {
         l.contains(&hostile.fmt_short()) && (l.contains("stream:") || l.contains("replaces"))
     });
     assert!(named, "A's log does not name the offender:\n{log}");
-    assert!(synced("after.txt", b"after"), "B: {}", db.log_text());
+    assert!(t.synced("after.txt", b"after"), "B: {}", db.log_text());
 }
 
 /// Signs `op` again with `key` for `namespace` (after its fields were changed).
@@ -177,20 +208,8 @@ fn a_hostile_members_bad_ops_are_refused_and_reported() {
     use pvfs_net::wire::{write_message, Hello, Message, MAX_OPS, PROTOCOL_VERSION};
     use pvfs_store::{FileKind, Hlc, NewNode, OpKind, Store, StoreOptions, ROOT_INO};
 
-    let (a, b, h) = (Scratch::new(), Scratch::new(), Scratch::new());
-    let da = Daemon::start(&a.data(), &a.mnt());
-    let listen_a = da.listen_addr();
-    join_through(&da, &b.data(), "bee");
-    let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen_a])
-        .unwrap_or_else(|e| panic!("{e}"));
-    join_through(&da, &h.data(), "hostile");
-    let synced = |name: &str, content: &[u8]| {
-        std::fs::write(a.mnt().join(name), content).unwrap();
-        wait_until(Duration::from_secs(30), || {
-            std::fs::read(b.mnt().join(name)).is_ok_and(|d| d == content)
-        })
-    };
-    assert!(synced("before.txt", b"before"), "B: {}", db.log_text());
+    let t = Trio::start();
+    let (a, b, h, da, db) = (&t.a, &t.b, &t.h, &t.da, &t.db);
     // A learns B's key from B's ops, so that an op forged in B's name fails on its signature.
     std::fs::write(b.mnt().join("from-b.txt"), b"b").unwrap();
     assert!(
@@ -203,7 +222,7 @@ fn a_hostile_members_bad_ops_are_refused_and_reported() {
     );
 
     // The hostile member's own store makes one valid op; the rest are made from it.
-    let pem = std::fs::read_to_string(h.data().join("identity.pem")).expect("identity");
+    let pem = t.hostile_key();
     let cert = DeviceCert::from_key_pem(&pem).expect("key");
     let signer = Arc::new(DeviceCert::from_key_pem(&pem).expect("key"));
     let store = Store::open(&h.data(), &StoreOptions::default(), Some(signer)).expect("open");
@@ -276,7 +295,7 @@ fn a_hostile_members_bad_ops_are_refused_and_reported() {
     resign(&mut forged, &cert, &ns);
     drop(store);
 
-    let addr: std::net::SocketAddr = listen_a.parse().unwrap();
+    let addr: std::net::SocketAddr = t.listen_a.parse().unwrap();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -350,9 +369,9 @@ fn a_hostile_members_bad_ops_are_refused_and_reported() {
     ] {
         assert!(log.contains(why), "A's log does not say {why:?}:\n{log}");
     }
-    assert!(synced("after.txt", b"after"), "B: {}", db.log_text());
-    drop(db);
-    drop(da);
-    pvfs_tests::assert_fsck_clean(&a.data());
-    pvfs_tests::assert_fsck_clean(&b.data());
+    assert!(t.synced("after.txt", b"after"), "B: {}", db.log_text());
+    drop(t.db);
+    drop(t.da);
+    pvfs_tests::assert_fsck_clean(&t.a.data());
+    pvfs_tests::assert_fsck_clean(&t.b.data());
 }

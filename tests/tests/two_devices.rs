@@ -491,3 +491,48 @@ fn a_device_joined_through_a_syncs_with_b_when_a_is_gone() {
     assert_fsck_clean(&b.data());
     assert_fsck_clean(&d.data());
 }
+
+/// B is killed (SIGKILL: its connection to A is not closed, A holds it until its idle
+/// timeout) and started again: A takes its new connection beside the stale one (or in its
+/// place, past `MAX_CONNECTIONS_PER_DEVICE`), and changes flow both ways again well within
+/// the 30 s idle timeout; fsck stays clean.
+#[test]
+fn a_killed_device_reconnects_at_once() {
+    let (a, b) = (Scratch::new(), Scratch::new());
+    let (da, db, _, listen) = pair_with(&a, &b, "");
+    let seen = |path: std::path::PathBuf, content: &[u8]| {
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read(&path).is_ok_and(|d| d == content)
+        })
+    };
+    std::fs::write(a.mnt().join("one.txt"), b"one").unwrap();
+    assert!(
+        seen(b.mnt().join("one.txt"), b"one"),
+        "B: {}",
+        db.log_text()
+    );
+    db.kill();
+    let db = Daemon::try_start(&b.data(), &b.mnt(), &["--peer", &listen]).unwrap();
+    let restarted = Instant::now();
+    std::fs::write(a.mnt().join("two.txt"), b"two").unwrap();
+    assert!(
+        seen(b.mnt().join("two.txt"), b"two"),
+        "A: {}\nB: {}",
+        da.log_text(),
+        db.log_text()
+    );
+    std::fs::write(b.mnt().join("three.txt"), b"three").unwrap();
+    assert!(
+        seen(a.mnt().join("three.txt"), b"three"),
+        "A: {}",
+        da.log_text()
+    );
+    eprintln!(
+        "after B's restart, A's change reached B and B's reached A in {:?}",
+        restarted.elapsed()
+    );
+    assert!(db.stop(), "B stops cleanly");
+    assert!(da.stop(), "A stops cleanly");
+    assert_fsck_clean(&a.data());
+    assert_fsck_clean(&b.data());
+}

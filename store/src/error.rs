@@ -63,6 +63,10 @@ pub enum StoreError {
         /// Why it cannot be used.
         reason: String,
     },
+    /// A peer asked for ops this device has compacted into a checkpoint: it needs a
+    /// snapshot instead.
+    #[error("compacted: {0}")]
+    Compacted(String),
     /// An I/O error outside RocksDB.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

@@ -438,6 +438,12 @@ impl Store {
             }
         };
         let namespace = self.namespace();
+        // A checkpoint cut each writer's log: its chain resumes after the cut.
+        let checkpoint: records::CheckpointRecord =
+            match view.get(Cf::Meta, key::META_CHECKPOINT)? {
+                Some(b) => records::decode("checkpoint", &b)?,
+                None => Default::default(),
+            };
         let mut chain: Option<(Writer, u64, OpHash, Option<OpRecord>)> = None;
         let mut finish =
             |r: &mut FsckReport, chain: Option<(Writer, u64, OpHash, Option<OpRecord>)>| {
@@ -484,7 +490,16 @@ impl Store {
             let w = op.id.writer();
             if chain.as_ref().is_none_or(|c| c.0 != w) {
                 finish(&mut r, chain.take());
-                chain = Some((w, 0, GENESIS, None));
+                let (seq, hash) = match checkpoint.cut.get(&w) {
+                    // What is left of the compacted part (a compaction was cut short) is
+                    // checked from its first op on, and must lead to the cut.
+                    Some(&(cut, _)) if op.id.seq > 1 && op.id.seq <= cut => {
+                        (op.id.seq - 1, op.prev)
+                    }
+                    Some(&cut) if op.id.seq > 1 => cut,
+                    _ => (0, GENESIS),
+                };
+                chain = Some((w, seq, hash, None));
             }
             let c = chain.as_mut().expect("set above");
             if op.id.seq != c.1 + 1 {
@@ -502,10 +517,22 @@ impl Store {
             }
             c.1 = op.id.seq;
             c.2 = auth::op_hash(&op);
+            if let Some(&(cut, hash)) = checkpoint.cut.get(&w) {
+                if c.1 == cut && c.2 != hash {
+                    r.problem(format!(
+                        "ops of {} do not lead to the checkpoint's cut",
+                        w.fmt_short()
+                    ));
+                }
+            }
             c.3 = Some(op);
         }
         finish(&mut r, chain.take());
-        for (w, (seq, _)) in ends {
+        for (w, (seq, hash)) in ends {
+            if checkpoint.cut.get(&w) == Some(&(seq, hash)) {
+                // Compacted to its last op.
+                continue;
+            }
             r.problem(format!(
                 "the store says it holds {} up to #{seq}, its log has none",
                 w.fmt_short()

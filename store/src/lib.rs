@@ -13,6 +13,7 @@
 
 mod auth;
 mod chunk;
+mod compact;
 mod content;
 mod env;
 mod error;
@@ -30,6 +31,7 @@ pub use auth::{
     KEY_LEN, SIG_LEN,
 };
 pub use chunk::{cut, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+pub use compact::{plan as plan_checkpoint, Checkpoint, Compaction, Report, DEFAULT_LAG_MS};
 pub use content::{is_zero, NewExtent};
 pub use env::{Env, SystemEnv};
 pub use error::{Result, StoreError};

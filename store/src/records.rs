@@ -148,6 +148,38 @@ pub struct MemberRecord {
     pub removed: bool,
 }
 
+/// The last checkpoint of the logs (`crate::compact`), in `Cf::Meta` under `checkpoint`:
+/// every op with a clock before `horizon` is compacted (gone from the op log and the move
+/// log; what later ops may still need of it is kept in a `Compacted` record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CheckpointRecord {
+    /// No op before this clock is applied any more.
+    pub horizon: Hlc,
+    /// Per writer, its last compacted op: sequence number and hash (where its chain in the
+    /// op log resumes).
+    pub cut: std::collections::BTreeMap<Writer, (u64, [u8; 32])>,
+}
+
+impl CheckpointRecord {
+    /// True if `id` is at or before its writer's cut (gone from the op log, or about to be).
+    pub(crate) fn covers(&self, id: OpId) -> bool {
+        self.cut
+            .get(&id.writer())
+            .is_some_and(|&(seq, _)| id.seq <= seq)
+    }
+}
+
+/// What is kept of a compacted op that later ops may still need, in `Cf::Meta` under
+/// `compacted/<op id>`: the `Create` of a node that still exists, or the whole content of a
+/// file version that later edits build on (a `Content` op from offset 0 with no base).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CompactedOp {
+    /// The op's clock.
+    pub hlc: Hlc,
+    /// Its change (for content: the whole version).
+    pub kind: OpKind,
+}
+
 /// A place in the tree: directory and name.
 pub type Loc = (NodeId, Vec<u8>);
 
@@ -480,6 +512,18 @@ pub(crate) mod key {
         k
     }
 
+    /// The op id an op-log key names.
+    pub(crate) fn op_id_of(k: &[u8]) -> Result<OpId> {
+        let k: &[u8; 32] = k
+            .try_into()
+            .map_err(|_| StoreError::corrupt("op key length"))?;
+        Ok(OpId {
+            device: DeviceId(k[..16].try_into().expect("16 of 32 bytes")),
+            incarnation: u64::from_be_bytes(k[16..24].try_into().expect("8 of 32 bytes")),
+            seq: u64::from_be_bytes(k[24..].try_into().expect("8 of 32 bytes")),
+        })
+    }
+
     pub(crate) const META_FORMAT: &[u8] = b"format";
     pub(crate) const META_DEVICE: &[u8] = b"device";
     pub(crate) const META_NAMESPACE: &[u8] = b"namespace";
@@ -494,6 +538,14 @@ pub(crate) mod key {
     pub(crate) const META_MEMBER_OP: &[u8] = b"member_op/";
     pub(crate) const META_KEY: &[u8] = b"key/";
     pub(crate) const META_EVIDENCE: &[u8] = b"evidence/";
+    pub(crate) const META_CHECKPOINT: &[u8] = b"checkpoint";
+    pub(crate) const META_COMPACTED: &[u8] = b"compacted/";
+
+    pub(crate) fn compacted(id: OpId) -> Vec<u8> {
+        let mut k = META_COMPACTED.to_vec();
+        k.extend_from_slice(&op_id(id));
+        k
+    }
 
     pub(crate) fn member_op(id: OpId) -> Vec<u8> {
         let mut k = META_MEMBER_OP.to_vec();

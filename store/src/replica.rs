@@ -245,6 +245,45 @@ fn invalid(what: impl Into<String>) -> StoreError {
 }
 
 /// Checks every field of a remote op that could hurt: names, targets, sizes, extents.
+/// The nodes an op names (other than the one a `Create` makes): they must exist before it.
+pub(crate) fn named_nodes(kind: &OpKind) -> Vec<NodeId> {
+    match kind {
+        OpKind::Create { parent, .. } => vec![*parent],
+        OpKind::Link { node, parent, .. } | OpKind::Unlink { node, parent, .. } => {
+            vec![*node, *parent]
+        }
+        OpKind::Rename {
+            node,
+            from_parent,
+            to_parent,
+            other,
+            ..
+        } => {
+            let mut v = vec![*node, *from_parent, *to_parent];
+            v.extend(other.map(|o| o.0));
+            v
+        }
+        OpKind::SetAttr { node, .. }
+        | OpKind::SetXattr { node, .. }
+        | OpKind::Content { node, .. } => vec![*node],
+        OpKind::Member { .. } => Vec::new(),
+    }
+}
+
+/// The content versions an op names, with their files: the base of an edit, the version a
+/// delete saw.
+pub(crate) fn version_refs(kind: &OpKind) -> Vec<(NodeId, OpId)> {
+    match kind {
+        OpKind::Unlink { node, seen, .. } => seen.map(|v| (*node, v)).into_iter().collect(),
+        OpKind::Rename { other, .. } => other
+            .and_then(|(n, _, v)| v.map(|v| (n, v)))
+            .into_iter()
+            .collect(),
+        OpKind::Content { node, base, .. } => base.map(|v| (*node, v)).into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn validate(op: &OpRecord) -> Result<()> {
     let check_target = |t: &Option<Vec<u8>>| match t {
         Some(t) if t.is_empty() || t.len() > SYMLINK_MAX || t.contains(&0) => {
@@ -346,8 +385,20 @@ impl Store {
     /// respects causality), at most `limit`. This device's own ops leave it only once they
     /// are durable: if some are not, the WAL is synced first (one sync covers every commit
     /// before it, so pushes after a burst of commits share it).
+    /// Fails with `StoreError::Compacted` if `have` lacks ops this store has compacted (the
+    /// asker needs a snapshot).
     pub fn ops_after(&self, have: &VersionVector, limit: usize) -> Result<Vec<OpRecord>> {
-        let own = self.writer_state().writer();
+        let state = self.writer_state();
+        let own = state.writer();
+        for (w, &(seq, _)) in &state.checkpoint.cut {
+            let held = have.get(w).copied().unwrap_or(0);
+            if held < seq {
+                return Err(StoreError::Compacted(format!(
+                    "it lacks ops of {} up to #{seq} (it holds #{held}), compacted here",
+                    w.fmt_short()
+                )));
+            }
+        }
         let mut vv = self.version_vector();
         if let Some(top) = vv.get_mut(&own) {
             if *top > have.get(&own).copied().unwrap_or(0) && self.durable_seq() < *top {
@@ -504,7 +555,12 @@ impl Store {
         let view = self.snapshot();
         let mut out = Vec::new();
         for item in kv::scan_prefix(&*view, Cf::Meta, key::META_MEMBER_OP) {
-            let (k, _) = item?;
+            let (k, v) = item?;
+            if !v.is_empty() {
+                // Compacted: the index keeps the op itself.
+                out.push(records::decode::<OpRecord>("op", &v)?);
+                continue;
+            }
             let op = view
                 .get(Cf::Oplog, &k[key::META_MEMBER_OP.len()..])?
                 .ok_or_else(|| StoreError::corrupt("a membership op missing from the log"))?;
@@ -663,6 +719,19 @@ impl Txn<'_> {
             .transpose()
     }
 
+    /// The clock and change of op `id`: from the op log, or, once compacted, what the
+    /// checkpoint kept of it (`None` for a compacted op nothing needs any more).
+    pub(crate) fn kept(&self, id: OpId) -> Result<Option<(Hlc, OpKind)>> {
+        if let Some(op) = self.op_at(id)? {
+            return Ok(Some((op.hlc, op.kind)));
+        }
+        Ok(self
+            .get(Cf::Meta, &key::compacted(id))?
+            .map(|b| records::decode::<records::CompactedOp>("compacted op", &b))
+            .transpose()?
+            .map(|c| (c.hlc, c.kind)))
+    }
+
     /// The public key of `device`, if this store knows it.
     pub(crate) fn device_key(&self, device: &DeviceId) -> Result<Option<[u8; KEY_LEN]>> {
         match self.get(Cf::Meta, &key::device_key(device))? {
@@ -778,44 +847,33 @@ impl Txn<'_> {
     /// receive them in different orders would settle differently (clock order must respect
     /// causality for the move log and the attribute registers).
     fn check_clock_order(&self, op: &OpRecord) -> Result<()> {
-        let mut causes: Vec<OpId> = Vec::new();
+        let checkpoint = self.state.checkpoint.clone();
+        let moves = matches!(
+            op.kind,
+            OpKind::Create { .. }
+                | OpKind::Link { .. }
+                | OpKind::Unlink { .. }
+                | OpKind::Rename { .. }
+        );
+        if moves && op.hlc < checkpoint.horizon {
+            // Every device had every op before the checkpoint, and promised no later op of
+            // its own before it (`compact::plan`); the moves before it are gone, so such an
+            // op cannot be put in its place. Only a device that broke the promise makes one,
+            // or one restored from a backup holding ops a power cut had taken from it before
+            // they were shared. (Attribute and content ops need no move log: registers and
+            // versions compare clocks, whatever the order, so they still apply.)
+            return Err(invalid(
+                "it moves names at a clock before this device's checkpoint of the logs (too late to apply)",
+            ));
+        }
+        let mut causes: Vec<OpId> = version_refs(&op.kind).into_iter().map(|r| r.1).collect();
         if op.id.seq > 1 {
             causes.push(OpId {
                 seq: op.id.seq - 1,
                 ..op.id
             });
         }
-        let mut nodes: Vec<NodeId> = Vec::new();
-        match &op.kind {
-            OpKind::Create { parent, .. } => nodes.push(*parent),
-            OpKind::Link { node, parent, .. } => nodes.extend([*node, *parent]),
-            OpKind::Unlink {
-                node, parent, seen, ..
-            } => {
-                nodes.extend([*node, *parent]);
-                causes.extend(*seen);
-            }
-            OpKind::Rename {
-                node,
-                from_parent,
-                to_parent,
-                other,
-                ..
-            } => {
-                nodes.extend([*node, *from_parent, *to_parent]);
-                if let Some((n, _, seen)) = other {
-                    nodes.push(*n);
-                    causes.extend(*seen);
-                }
-            }
-            OpKind::SetAttr { node, .. } | OpKind::SetXattr { node, .. } => nodes.push(*node),
-            OpKind::Content { node, base, .. } => {
-                nodes.push(*node);
-                causes.extend(*base);
-            }
-            OpKind::Member { .. } => {}
-        }
-        for node in nodes {
+        for node in named_nodes(&op.kind) {
             if node == NodeId::ROOT {
                 continue;
             }
@@ -825,15 +883,20 @@ impl Txn<'_> {
             causes.push(born.created);
         }
         for cause in causes {
-            // A cause not held yet: refused until it comes (its author held it, so it is
-            // on its way), so that every device decides on the same ops.
-            let c = self.op_at(cause)?.ok_or_else(|| {
-                invalid(format!(
-                    "it depends on op {}, not held here yet",
-                    cause.fmt_short()
-                ))
-            })?;
-            if c.hlc >= op.hlc {
+            let hlc = match self.kept(cause)? {
+                Some((hlc, _)) => hlc,
+                // Compacted: before the horizon, so before this op.
+                None if checkpoint.covers(cause) => continue,
+                // A cause not held yet: refused until it comes (its author held it, so it
+                // is on its way), so that every device decides on the same ops.
+                None => {
+                    return Err(invalid(format!(
+                        "it depends on op {}, not held here yet",
+                        cause.fmt_short()
+                    )))
+                }
+            };
+            if hlc >= op.hlc {
                 return Err(invalid(format!(
                     "its clock is not after that of op {} it depends on (backdated)",
                     cause.fmt_short()
@@ -881,7 +944,7 @@ impl Txn<'_> {
                     attrs: None,
                 };
                 self.put(Cf::Born, &key::node_id(*node), records::encode(&born));
-                self.build_node(*node, op)?;
+                self.build_node(*node, &op.kind)?;
                 vec![Move {
                     entry: *node,
                     node: *node,
@@ -1077,7 +1140,7 @@ impl Txn<'_> {
         let born = self
             .born(node)?
             .ok_or_else(|| invalid(format!("unknown node {node}")))?;
-        match self.op_at(born.created)?.map(|o| o.kind) {
+        match self.kept(born.created)?.map(|o| o.1) {
             Some(OpKind::Create { kind, .. }) => Ok(kind),
             _ => Err(StoreError::corrupt(format!("node {node}: no create op"))),
         }
@@ -1085,7 +1148,7 @@ impl Txn<'_> {
 
     /// Makes the local record of a node from its `Create` op, with no names yet, and the
     /// attributes ops gave it while it was deleted here.
-    fn build_node(&mut self, id: NodeId, create: &OpRecord) -> Result<Ino> {
+    fn build_node(&mut self, id: NodeId, create: &OpKind) -> Result<Ino> {
         let attrs = self.born(id)?.and_then(|b| b.attrs);
         let rec = revived(id, create, attrs)?;
         let ino = self.alloc_ino();
@@ -1107,8 +1170,8 @@ impl Txn<'_> {
         let Some(born) = self.born(id)? else {
             return Ok(None);
         };
-        let create = self
-            .op_at(born.created)?
+        let (_, create) = self
+            .kept(born.created)?
             .ok_or_else(|| StoreError::corrupt(format!("node {id}: create op missing")))?;
         revived(id, &create, born.attrs).map(Some)
     }
@@ -1150,7 +1213,7 @@ impl Txn<'_> {
 
 /// A node's record as its `Create` op made it, with the attribute registers it kept while
 /// deleted (if any), and no names yet.
-fn revived(id: NodeId, create: &OpRecord, attrs: Option<records::Attrs>) -> Result<NodeRecord> {
+fn revived(id: NodeId, create: &OpKind, attrs: Option<records::Attrs>) -> Result<NodeRecord> {
     let mut rec = record_from_create(id, create)?;
     if let Some(a) = attrs {
         a.apply_to(&mut rec);
@@ -1159,7 +1222,7 @@ fn revived(id: NodeId, create: &OpRecord, attrs: Option<records::Attrs>) -> Resu
 }
 
 /// A node's record as its `Create` op made it, with no names yet.
-fn record_from_create(id: NodeId, create: &OpRecord) -> Result<NodeRecord> {
+fn record_from_create(id: NodeId, create: &OpKind) -> Result<NodeRecord> {
     let OpKind::Create {
         kind,
         perm,
@@ -1169,7 +1232,7 @@ fn record_from_create(id: NodeId, create: &OpRecord) -> Result<NodeRecord> {
         target,
         time,
         ..
-    } = &create.kind
+    } = create
     else {
         return Err(StoreError::corrupt(format!("node {id}: no create op")));
     };
@@ -1206,8 +1269,8 @@ impl Txn<'_> {
         let born = self
             .born(node)?
             .ok_or_else(|| invalid(format!("unknown node {node}")))?;
-        let create = self
-            .op_at(born.created)?
+        let (_, create) = self
+            .kept(born.created)?
             .ok_or_else(|| StoreError::corrupt(format!("node {node}: create op missing")))?;
         let ino = self.build_node(node, &create)?;
         if born.version.is_some() {
@@ -1733,7 +1796,7 @@ impl Txn<'_> {
     fn version_order(&self, v: Option<OpId>) -> Result<(Hlc, Option<OpId>)> {
         match v {
             None => Ok((Hlc(0), None)),
-            Some(id) => Ok((self.op_at(id)?.map_or(Hlc(0), |o| o.hlc), Some(id))),
+            Some(id) => Ok((self.kept(id)?.map_or(Hlc(0), |o| o.0), Some(id))),
         }
     }
 
@@ -1783,7 +1846,7 @@ impl Txn<'_> {
             }
             apply_delta(&mut map, *start, *end, extents, *size);
             cx.versioned.insert(node);
-            return self.install(ino, map, *size, op, *mtime);
+            return self.install(ino, map, *size, (op.id, op.hlc), *mtime);
         }
         // A concurrent edit: the later one is the content.
         let cur = self.version_order(n.version)?;
@@ -1813,7 +1876,7 @@ impl Txn<'_> {
         }
         let (map, size) = self.materialize(node, Some(op.id))?;
         cx.versioned.insert(node);
-        self.install(ino, map, size, op, *mtime)
+        self.install(ino, map, size, (op.id, op.hlc), *mtime)
     }
 
     /// Keeps the content of file `ino` stored here for an op of `author` to reference, as a
@@ -1875,7 +1938,7 @@ impl Txn<'_> {
             if id == of {
                 return Ok(true);
             }
-            v = match self.op_at(id)?.map(|o| o.kind) {
+            v = match self.kept(id)?.map(|o| o.1) {
                 Some(OpKind::Content { base, .. }) => base,
                 _ => None,
             };
@@ -1885,17 +1948,32 @@ impl Txn<'_> {
 
     /// The extent map and size of `node` at content version `version`, rebuilt from the op
     /// log by following the chain of bases.
-    fn materialize(&self, node: NodeId, version: Option<OpId>) -> Result<(ExtentMap, u64)> {
+    pub(crate) fn materialize(
+        &self,
+        node: NodeId,
+        version: Option<OpId>,
+    ) -> Result<(ExtentMap, u64)> {
         let mut chain = Vec::new();
         let mut v = version;
         while let Some(id) = v {
             if chain.len() >= MAX_CHAIN {
                 return Err(StoreError::corrupt("content version chain too long"));
             }
-            let op = self
-                .op_at(id)?
-                .ok_or_else(|| StoreError::corrupt(format!("content version {id:?} missing")))?;
-            match op.kind {
+            let (_, kind) = match self.kept(id)? {
+                Some(k) => k,
+                None if self.state.checkpoint.covers(id) => {
+                    return Err(invalid(format!(
+                        "content version {} was compacted here",
+                        id.fmt_short()
+                    )))
+                }
+                None => {
+                    return Err(StoreError::corrupt(format!(
+                        "content version {id:?} missing"
+                    )))
+                }
+            };
+            match kind {
                 OpKind::Content {
                     node: n,
                     base,
@@ -1926,12 +2004,12 @@ impl Txn<'_> {
         ino: Ino,
         map: ExtentMap,
         size: u64,
-        op: &OpRecord,
+        (version, hlc): (OpId, Hlc),
         mtime: Timestamp,
     ) -> Result<()> {
         let old = self.extents(ino, 0, u64::MAX)?;
         for &(id, len) in map.values() {
-            self.incref_id(&id, len, op.id.device)?;
+            self.incref_id(&id, len, version.device)?;
         }
         for (off, e) in old {
             self.delete_extent(ino, off, &e)?;
@@ -1943,9 +2021,9 @@ impl Txn<'_> {
         let s = &mut self.state.stats;
         s.logical_bytes = s.logical_bytes.saturating_sub(n.size).saturating_add(size);
         n.size = size;
-        n.version = Some(op.id);
-        if op.hlc >= n.stamps.mtime {
-            n.stamps.mtime = op.hlc;
+        n.version = Some(version);
+        if hlc >= n.stamps.mtime {
+            n.stamps.mtime = hlc;
             n.mtime = mtime;
         }
         n.ctime = n.ctime.max(mtime);
@@ -1957,14 +2035,17 @@ impl Txn<'_> {
     fn set_version(&mut self, ino: Ino, version: Option<OpId>) -> Result<()> {
         let n = self.node_req(ino)?;
         let (map, size) = self.materialize(n.id, version)?;
-        let Some(op) = version.map(|v| self.op_at(v)).transpose()?.flatten() else {
+        let Some(v) = version else {
             return Ok(());
         };
-        let mtime = match &op.kind {
+        let Some((hlc, kind)) = self.kept(v)? else {
+            return Ok(());
+        };
+        let mtime = match &kind {
             OpKind::Content { mtime, .. } => *mtime,
             _ => n.mtime,
         };
-        self.install(ino, map, size, &op, mtime)
+        self.install(ino, map, size, (v, hlc), mtime)
     }
 }
 

@@ -91,6 +91,9 @@ pub struct LogBytes {
     pub op_log: u64,
     /// The moves of entries, for undo and redo of late ops.
     pub move_log: u64,
+    /// What checkpoints kept of compacted ops (creates, whole file versions, membership
+    /// changes), and the checkpoint itself.
+    pub kept: u64,
 }
 
 /// How a new namespace's root directory starts out.
@@ -211,6 +214,8 @@ struct Inner {
     reclaimable: AtomicU64,
     reclaiming: std::sync::atomic::AtomicBool,
     reclaim_lock: Mutex<()>,
+    /// Held by a compaction of the logs (one at a time).
+    compact_lock: Mutex<()>,
     /// Commits written so far, and how many of them a WAL sync has made durable: a sync
     /// covers every commit before it, so concurrent `sync` calls share one (group commit).
     committed: AtomicU64,
@@ -473,6 +478,10 @@ impl Store {
             stats,
             heads,
             heads_changed,
+            checkpoint: std::sync::Arc::new(match backend.get(Cf::Meta, key::META_CHECKPOINT)? {
+                Some(b) => records::decode("checkpoint", &b)?,
+                None => Default::default(),
+            }),
         };
         clean_staged(&*backend)?;
         let cache_items = (opts.chunk_cache_bytes / chunk::AVG_CHUNK as u64).max(16) as usize;
@@ -489,6 +498,7 @@ impl Store {
                 reclaimable: AtomicU64::new(0),
                 reclaiming: std::sync::atomic::AtomicBool::new(false),
                 reclaim_lock: Mutex::new(()),
+                compact_lock: Mutex::new(()),
                 committed: AtomicU64::new(0),
                 synced: Mutex::new(0),
                 writer: Mutex::new(state),
@@ -572,6 +582,11 @@ impl Store {
         *self.inner.on_commit.lock() = Some(f);
     }
 
+    /// Held while the logs are compacted.
+    pub(crate) fn compact_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.inner.compact_lock.lock()
+    }
+
     /// A copy of the writer's counters and clock.
     pub(crate) fn writer_state(&self) -> WriterState {
         self.inner.writer.lock().clone()
@@ -590,6 +605,7 @@ impl Store {
             stats: StatsRecord::default(),
             heads: Default::default(),
             heads_changed: false,
+            checkpoint: Default::default(),
         };
         Txn::new(&*self.inner.backend, state, &*self.inner.env, None)
     }
@@ -1180,9 +1196,22 @@ impl Store {
     /// Bytes the op log and the move log take (`pvfs-admin stats`): what compaction of the
     /// logs is to bound.
     pub fn log_bytes(&self) -> Result<LogBytes> {
+        let mut kept = 0u64;
+        let view = self.snapshot();
+        for prefix in [
+            key::META_COMPACTED,
+            key::META_MEMBER_OP,
+            key::META_CHECKPOINT,
+        ] {
+            for item in kv::scan_prefix(&*view, Cf::Meta, prefix) {
+                let (k, v) = item?;
+                kept += (k.len() + v.len()) as u64;
+            }
+        }
         Ok(LogBytes {
             op_log: self.inner.backend.cf_bytes(Cf::Oplog)?,
             move_log: self.inner.backend.cf_bytes(Cf::Moves)?,
+            kept,
         })
     }
 

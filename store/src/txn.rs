@@ -38,6 +38,8 @@ pub(crate) struct WriterState {
     /// its sequence number and hash.
     pub(crate) heads: BTreeMap<Writer, (u64, OpHash)>,
     pub(crate) heads_changed: bool,
+    /// The last checkpoint (`crate::compact`): ops before its horizon are compacted.
+    pub(crate) checkpoint: std::sync::Arc<records::CheckpointRecord>,
 }
 
 impl WriterState {

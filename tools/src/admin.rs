@@ -113,6 +113,7 @@ pub fn stats(store: &Store) -> Value {
         "compression_ratio": ratio(s.chunk_bytes, s.stored_bytes),
         "op_log_bytes": logs.op_log,
         "move_log_bytes": logs.move_log,
+        "checkpoint_bytes": logs.kept,
     })
 }
 
@@ -162,6 +163,7 @@ pub fn print_human(req: &Request, v: &Value) {
             );
             println!("op log             {}", human_bytes(u("op_log_bytes")));
             println!("move log           {}", human_bytes(u("move_log_bytes")));
+            println!("checkpoint         {}", human_bytes(u("checkpoint_bytes")));
         }
         Request::Status => {
             for k in [

@@ -212,8 +212,13 @@ pub fn run(s: &Store, a: &Act) {
 }
 
 /// Delivers at most `max` ops that `to` lacks from `from`; returns how many were new.
+/// A device that compacted ops `to` lacks sends nothing (`to` needs another source).
 pub fn sync(from: &Store, to: &Store, max: usize) -> usize {
-    let ops = from.ops_after(&to.version_vector(), max).unwrap();
+    let ops = match from.ops_after(&to.version_vector(), max) {
+        Ok(ops) => ops,
+        Err(pvfs_store::StoreError::Compacted(_)) => return 0,
+        Err(e) => panic!("ops_after: {e}"),
+    };
     let keys = from.device_keys(ops.iter().map(|o| o.id.device)).unwrap();
     let applied = to.apply_remote(&ops, &keys, &|_| false).unwrap();
     applied.applied
@@ -341,10 +346,9 @@ pub fn all_ops(s: &Store) -> Vec<OpRecord> {
     s.ops_after(&BTreeMap::new(), usize::MAX).unwrap()
 }
 
-/// Checks replicas that exchanged every op: each fsck-clean, all with the same tree, and
-/// every file version that no later op superseded present in it (or in a conflict copy),
-/// of those `owed` says must survive.
-pub fn check_converged(stores: &[&Store], owed: &dyn Fn(&OpId) -> bool) -> Result<(), String> {
+/// Checks replicas that exchanged every op: each fsck-clean, all with the same tree (the
+/// first's, returned).
+pub fn check_same(stores: &[&Store]) -> Result<Dump, String> {
     let first = dump(stores[0]);
     for (i, s) in stores.iter().enumerate() {
         let report = s.fsck().map_err(|e| format!("replica {i} fsck: {e}"))?;
@@ -360,6 +364,14 @@ pub fn check_converged(stores: &[&Store], owed: &dyn Fn(&OpId) -> bool) -> Resul
             ));
         }
     }
+    Ok(first)
+}
+
+/// Checks replicas that exchanged every op: each fsck-clean, all with the same tree, and
+/// every file version that no later op superseded present in it (or in a conflict copy),
+/// of those `owed` says must survive.
+pub fn check_converged(stores: &[&Store], owed: &dyn Fn(&OpId) -> bool) -> Result<(), String> {
+    let first = check_same(stores)?;
     let ops = all_ops(stores[0]);
     let present: HashSet<Version> = first
         .iter()

@@ -10,6 +10,9 @@
 //! duplicates, delays and reorders messages. After every step: no op in any log is forged,
 //! from a non-member or one the devices must refuse, and no op id names two different ops
 //! anywhere. At quiescence: every replica fsck-clean, identical trees, no lost version.
+//! On even seeds devices 1.. also gossip reports of what they hold and compact their logs
+//! (`Store::compact`) at random steps and after quiescence, then go on; device 0 keeps every
+//! op (for the lost-version check, and to serve devices that lack compacted ops).
 //!
 //! `PVFS_SIM_SEEDS=n` runs n seeds (default 1,000), `PVFS_SIM_SEED=s` one seed, and
 //! `PVFS_SIM_TRACE=1` prints every step. A failing seed prints the command that replays it.

@@ -170,7 +170,7 @@ impl Store {
 
     /// The horizon of the last checkpoint (`Hlc(0)`: none).
     pub fn horizon(&self) -> Hlc {
-        self.writer_state().checkpoint.horizon
+        self.checkpoint().horizon
     }
 
     /// Compacts the logs to `cp` (see the module docs): a no-op unless its horizon is past
@@ -180,14 +180,16 @@ impl Store {
     /// finishes the job).
     pub fn compact(&self, cp: &Checkpoint) -> Result<Compaction> {
         let _one = self.compact_lock();
-        let old = self.writer_state().checkpoint;
+        let old = self.checkpoint();
         if cp.horizon <= old.horizon {
             return Ok(Compaction::default());
         }
         let mut out = Compaction::default();
 
         // 1. Read: where each writer's log is cut, the latest compacted version of each file,
-        // and the versions the ops after the horizon (the window) name.
+        // and the versions the ops after the horizon (the window) name. The creates of
+        // compacted ops are kept as they are read (harmless before the checkpoint: lookups
+        // read the log first).
         let mut cut = old.cut.clone();
         let mut latest: HashMap<NodeId, (Hlc, OpId)> = HashMap::new();
         let mut refs: HashMap<OpId, NodeId> = HashMap::new();
@@ -195,9 +197,10 @@ impl Store {
         for (&w, &top) in &self.version_vector() {
             let mut next = 1;
             while next <= top {
-                let page = self.ops(w, next, 1024)?;
+                let page = self.ops(w, next, PAGE)?;
                 let Some(last) = page.last() else { break };
                 next = last.id.seq + 1;
+                let mut creates: Vec<(OpId, CompactedOp)> = Vec::new();
                 for op in page {
                     if op.hlc >= cp.horizon {
                         refs.extend(version_refs(&op.kind).into_iter().map(|(n, v)| (v, n)));
@@ -210,9 +213,22 @@ impl Store {
                             let e = latest.entry(*node).or_insert((op.hlc, op.id));
                             *e = (*e).max((op.hlc, op.id));
                         }
+                        OpKind::Create { .. } => {
+                            let (id, hlc) = (op.id, op.hlc);
+                            creates.push((id, CompactedOp { hlc, kind: op.kind }));
+                        }
                         OpKind::Member { .. } => members.push(op),
                         _ => {}
                     }
+                }
+                if !creates.is_empty() {
+                    out.kept += creates.len() as u64;
+                    self.commit(false, |tx| {
+                        for (id, c) in &creates {
+                            tx.put(Cf::Meta, &key::compacted(*id), records::encode(c));
+                        }
+                        Ok(())
+                    })?;
                 }
             }
         }
@@ -246,32 +262,7 @@ impl Store {
             }
         }
 
-        // 2. Keep what later ops may need: creates, whole versions.
-        for (&w, &(seq, _)) in &new.cut {
-            let mut from = old.cut.get(&w).map_or(1, |c| c.0 + 1);
-            while from <= seq {
-                let page = self.ops(w, from, PAGE)?;
-                let Some(last) = page.last() else { break };
-                from = last.id.seq + 1;
-                let mut creates = Vec::new();
-                for op in page.into_iter().filter(|o| o.id.seq <= seq) {
-                    if let OpKind::Create { .. } = &op.kind {
-                        creates.push(op);
-                    }
-                }
-                out.kept += creates.len() as u64;
-                self.commit(false, |tx| {
-                    for op in &creates {
-                        let c = CompactedOp {
-                            hlc: op.hlc,
-                            kind: op.kind.clone(),
-                        };
-                        tx.put(Cf::Meta, &key::compacted(op.id), records::encode(&c));
-                    }
-                    Ok(())
-                })?;
-            }
-        }
+        // 2. Keep the whole content of the versions later ops may build on.
         let wanted: Vec<(OpId, NodeId)> = versions
             .iter()
             .filter(|(id, _)| !kept.contains_key(id))

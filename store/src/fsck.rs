@@ -441,7 +441,10 @@ impl Store {
         // A checkpoint cut each writer's log: its chain resumes after the cut.
         let checkpoint: records::CheckpointRecord =
             match view.get(Cf::Meta, key::META_CHECKPOINT)? {
-                Some(b) => records::decode("checkpoint", &b)?,
+                Some(b) => records::decode("checkpoint", &b).unwrap_or_else(|e| {
+                    r.problem(e.to_string());
+                    Default::default()
+                }),
                 None => Default::default(),
             };
         let mut chain: Option<(Writer, u64, OpHash, Option<OpRecord>)> = None;

@@ -246,7 +246,7 @@ fn invalid(what: impl Into<String>) -> StoreError {
 
 /// Checks every field of a remote op that could hurt: names, targets, sizes, extents.
 /// The nodes an op names (other than the one a `Create` makes): they must exist before it.
-pub(crate) fn named_nodes(kind: &OpKind) -> Vec<NodeId> {
+fn named_nodes(kind: &OpKind) -> Vec<NodeId> {
     match kind {
         OpKind::Create { parent, .. } => vec![*parent],
         OpKind::Link { node, parent, .. } | OpKind::Unlink { node, parent, .. } => {
@@ -388,9 +388,8 @@ impl Store {
     /// Fails with `StoreError::Compacted` if `have` lacks ops this store has compacted (the
     /// asker needs a snapshot).
     pub fn ops_after(&self, have: &VersionVector, limit: usize) -> Result<Vec<OpRecord>> {
-        let state = self.writer_state();
-        let own = state.writer();
-        for (w, &(seq, _)) in &state.checkpoint.cut {
+        let own = self.writer_state().writer();
+        for (w, &(seq, _)) in &self.checkpoint().cut {
             let held = have.get(w).copied().unwrap_or(0);
             if held < seq {
                 return Err(StoreError::Compacted(format!(
@@ -620,7 +619,9 @@ impl Store {
     /// The extents and size of `node` at content version `version`, rebuilt from the op log
     /// (for conflict resolution, history, and tests).
     pub fn version_content(&self, node: NodeId, version: OpId) -> Result<Version> {
-        let (map, size) = self.reader().materialize(node, Some(version))?;
+        let mut reader = self.reader();
+        reader.state.checkpoint = self.checkpoint();
+        let (map, size) = reader.materialize(node, Some(version))?;
         Ok((map.into_iter().map(|(o, (c, l))| (o, c, l)).collect(), size))
     }
 

@@ -582,6 +582,11 @@ impl Store {
         *self.inner.on_commit.lock() = Some(f);
     }
 
+    /// The last checkpoint of the logs (cheap: no copy of the writer state).
+    pub(crate) fn checkpoint(&self) -> Arc<records::CheckpointRecord> {
+        self.inner.writer.lock().checkpoint.clone()
+    }
+
     /// Held while the logs are compacted.
     pub(crate) fn compact_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
         self.inner.compact_lock.lock()
